@@ -1,0 +1,16 @@
+"""Placeholder: the stage is being written."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from backtrack.config import CommonConfig
+
+
+@dataclass
+class CheckConfig(CommonConfig):
+    """Not implemented yet."""
+
+
+def main(config: CheckConfig) -> None:
+    raise NotImplementedError("check")
