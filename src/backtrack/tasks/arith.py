@@ -1,1 +1,179 @@
-"""Placeholder."""
+"""The toy world's task: seeded multi-step arithmetic word problems.
+
+A problem is a chain: a person starts with some objects, then a few events change the count
+(+, -, x, exact /). The reference solution writes one step per line (`12 - 3 = 9`). The space
+of problems is unlimited, so train problems are drawn from a seeded stream; the test split is
+a fixed set. Train and test are disjoint by construction: a hash of the arithmetic chain (start
+value and operations, not the wording) puts every chain in exactly one split, and each split's
+stream skips the chains of the other, so no test chain is ever seen in training, in any wording.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+from backtrack.errors import UserError
+from backtrack.tasks import Problem, Task, register
+
+NAMES = ["Tom", "Ann", "Sara", "Ben", "Mia", "Leo", "Max", "Eva", "Sam", "Lily", "Omar", "Zoe"]
+OBJECTS = ["apples", "coins", "books", "pens", "cards", "marbles", "stickers", "shells"]
+START = "{name} has {x} {obj}."
+EVENTS = {
+    "+": ["{name} buys {k} more {obj}.", "{name} finds {k} more {obj}.",
+          "{name} gets {k} {obj} from {other}."],
+    "-": ["{name} gives {k} {obj} to {other}.", "{name} loses {k} {obj}.",
+          "{name} sells {k} {obj}."],
+    "*": ["Then {name} has {k} times as many {obj} as before."],
+    "/": ["{name} splits the {obj} into {k} equal piles and keeps one pile."],
+}
+QUESTION = "How many {obj} does {name} have now?"
+STEP_RE = re.compile(r"^(-?\d+) ([-+*/]) (-?\d+) = (-?\d+)$")
+TEST_BUCKET_PERCENT = 10  # share of all chains that belong to the test split
+
+
+def apply_op(x: int, op: str, k: int) -> int:
+    if op == "+":
+        return x + k
+    if op == "-":
+        return x - k
+    if op == "*":
+        return x * k
+    return x // k
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A problem's arithmetic: start value and a list of (op, operand) steps."""
+
+    start: int
+    ops: tuple[tuple[str, int], ...]
+
+    def values(self) -> list[int]:
+        values = [self.start]
+        for op, k in self.ops:
+            values.append(apply_op(values[-1], op, k))
+        return values
+
+    def solution_lines(self) -> list[str]:
+        values = self.values()
+        return [f"{values[i]} {op} {k} = {values[i + 1]}" for i, (op, k) in enumerate(self.ops)]
+
+    def key(self) -> str:
+        return f"{self.start}" + "".join(f"|{op}{k}" for op, k in self.ops)
+
+    def split(self) -> str:
+        digest = hashlib.sha256(self.key().encode()).digest()
+        return "test" if int.from_bytes(digest[:4], "big") % 100 < TEST_BUCKET_PERCENT else "train"
+
+
+def parse_step(line: str) -> tuple[int, str, int, int] | None:
+    """`'12 - 3 = 9'` -> (12, '-', 3, 9); None if the line is not a step."""
+    match = STEP_RE.match(line.strip())
+    if not match:
+        return None
+    a, op, b, c = match.groups()
+    return int(a), op, int(b), int(c)
+
+
+def _steps_range(value) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        lo = hi = value
+    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        lo, hi = value
+    else:
+        raise UserError(f"task 'arith': option 'steps' must be an integer or [min, max], "
+                        f"got {value!r}")
+    if not 1 <= lo <= hi:
+        raise UserError(f"task 'arith': option 'steps' needs 1 <= min <= max, got {value!r}")
+    return lo, hi
+
+
+@register
+class ArithTask(Task):
+    """Synthetic multi-step arithmetic word problems (the toy world; unlimited train split)."""
+
+    name = "arith"
+
+    def __init__(self, steps=(2, 3), max_start: int = 20, max_operand: int = 20,
+                 max_factor: int = 3, max_value: int = 200, ops: str = "+-*/",
+                 test_size: int = 500, train_size: int = 2000, seed: int = 0, **options):
+        super().__init__(**options)
+        self.min_steps, self.max_steps = _steps_range(list(steps) if isinstance(steps, tuple)
+                                                      else steps)
+        for key, value, low in (("max_start", max_start, 1), ("max_operand", max_operand, 1),
+                                ("max_factor", max_factor, 2), ("max_value", max_value, 2),
+                                ("test_size", test_size, 1), ("train_size", train_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise UserError(f"task 'arith': option '{key}' must be an integer >= {low}, "
+                                f"got {value!r}")
+        if not ops or set(ops) - set("+-*/"):
+            raise UserError(f"task 'arith': option 'ops' must be letters of '+-*/', got {ops!r}")
+        self.max_start, self.max_operand, self.max_factor = max_start, max_operand, max_factor
+        self.max_value, self.ops = max(max_value, max_start), "".join(sorted(set(ops)))
+        self.test_size, self.train_size, self.seed = test_size, train_size, seed
+
+    # -- generation ------------------------------------------------------------------------
+    def _random_chain(self, rng: random.Random) -> Chain:
+        n_steps = rng.randint(self.min_steps, self.max_steps)
+        while True:  # restart in the rare case no operation fits (e.g. ops "*/" at a prime)
+            x = rng.randint(2, max(2, self.max_start))
+            start, ops = x, []
+            for _attempt in range(20 * n_steps):
+                op = rng.choice(self.ops)
+                k = rng.randint(1, self.max_operand) if op in "+-" else rng.randint(2, self.max_factor)
+                if (op == "-" and k >= x) or (op == "/" and x % k) or apply_op(x, op, k) > self.max_value:
+                    continue
+                ops.append((op, k))
+                x = apply_op(x, op, k)
+                if len(ops) == n_steps:
+                    return Chain(start, tuple(ops))
+
+    def _render(self, chain: Chain, rng: random.Random) -> str:
+        name, other = rng.sample(NAMES, 2)
+        obj = rng.choice(OBJECTS)
+        sentences = [START.format(name=name, x=chain.start, obj=obj)]
+        for op, k in chain.ops:
+            sentences.append(rng.choice(EVENTS[op]).format(name=name, k=k, obj=obj, other=other))
+        sentences.append(QUESTION.format(name=name, obj=obj))
+        return " ".join(sentences)
+
+    def iter_problems(self, split: str) -> Iterator[Problem]:
+        """An endless, seeded stream of problems of `split` (may repeat for tiny spaces)."""
+        if split not in ("train", "test"):
+            raise UserError(f"task 'arith': unknown split '{split}' (train or test)")
+        rng = random.Random(f"arith:{self.seed}:{split}")
+        index = 0
+        while True:
+            chain = self._random_chain(rng)
+            if chain.split() != split:
+                continue
+            question = self._render(chain, rng)
+            lines = chain.solution_lines()
+            yield Problem(id=f"arith-{split}-{index}", question=question,
+                          answer=str(chain.values()[-1]), solution="\n".join(lines))
+            index += 1
+
+    def problems(self, split: str, limit: int | None = None) -> list[Problem]:
+        """The first `limit` distinct problems of `split` (defaults: test_size / train_size)."""
+        if split not in ("train", "test"):
+            raise UserError(f"task 'arith': unknown split '{split}' (train or test)")
+        size = self.test_size if split == "test" else self.train_size
+        want = size if split == "test" else (limit or size)
+        problems, seen, misses = [], set(), 0
+        for problem in self.iter_problems(split):
+            if problem.question in seen:
+                misses += 1
+                if misses > 100 * want + 10_000:
+                    raise UserError(f"task 'arith': cannot find {want} distinct {split} "
+                                    f"problems with these options; lower the size")
+                continue
+            seen.add(problem.question)
+            problems.append(problem)
+            if len(problems) >= want:
+                break
+        return problems[:limit] if limit else problems
