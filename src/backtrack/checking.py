@@ -1,0 +1,386 @@
+"""Answer checking: find a completion's final answer and compare it with the gold value.
+
+This is the reward behind "verifiable" backtracking, so it must agree with a careful human
+grader on real model outputs. The rules, in order:
+
+1. Only the final part of a completion counts: the text after the last `</think>`; text after
+   an unclosed `<think>` (a truncated trace) is not a final answer; an end-of-turn token or a
+   hallucinated next question ("\\n\\nQuestion: ...", typical of few-shot base models) ends it.
+2. Answer statements (`#### N`, `\\boxed{N}`, "The (final) answer is N", "Answer: N", "A: N",
+   with markdown bold / LaTeX / currency around them) win over prose; the LAST one counts, so a
+   trace that backtracks ("The answer is 12. Wait, ... The answer is 14.") is graded on 14. A
+   statement directly followed by a retraction ("Wait, that's not right") no longer counts.
+3. Without a statement, the last number of the final text is the answer (step numbers and list
+   markers are skipped).
+
+Numbers compare exactly as fractions, so "18.00" = "18", "0.5" = "1/2", "$1,080." = "1080".
+math-verify handles what this module's small number grammar does not (LaTeX expressions in
+`\\boxed{}` and non-numeric LaTeX gold values); plain GSM8K numbers never reach it, which keeps
+checking fast and deterministic. No library extracts GSM8K-style final answers with these
+rules (math-verify's own extraction takes the first match and has no think/retraction logic),
+hence the hand-written extraction.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+from decimal import Decimal, localcontext
+from fractions import Fraction
+
+from backtrack.tasks import CheckResult
+
+_CURRENCY = r"(?:\\\$|\$|€|£|¥|₹|USD ?|EUR ?|Rs\.? ?)"
+_NUMBER_RE = re.compile(
+    r"(?<![\w.,/])(?P<sign>[-−])?[ ]?" + _CURRENCY + r"?[ ]?(?P<sign2>-)?"
+    r"(?:(?P<latex>\\[dt]?frac\s*\{\s*(?P<ln>-?\d+(?:\.\d+)?)\s*\}\s*\{\s*(?P<ld>\d+(?:\.\d+)?)\s*\})"
+    r"|(?P<time>\d{1,2}:\d{2})(?![\d:])"
+    r"|(?P<num>\d{1,3}(?:,\d{3})+(?![\d])(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
+    r"(?:[ ]?/[ ]?(?P<den>\d+(?:\.\d+)?)(?![\d,/]))?)"
+    r"(?P<pct>[ ]?(?:\\?%|percent\b))?"
+    r"(?P<mult>[ ](?:thousand|million|billion)\b)?",
+    re.IGNORECASE,
+)
+_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen "
+          "fourteen fifteen sixteen seventeen eighteen nineteen").split()
+_TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
+_WORD_RE = re.compile(r"(?P<word>(?:%s)(?:[- ](?:%s))?|%s)\b" % (
+    "|".join(_TENS), "|".join(_WORDS[1:10]), "|".join(_WORDS)), re.IGNORECASE)
+_MULTIPLIERS = {"thousand": 1000, "million": 10**6, "billion": 10**9}
+
+# What may sit between an answer marker and its value.
+_LEAD_RE = re.compile(
+    r"(?:\s+|\*\*|__|[:=≈~]|\\[(\[]|\$|\\boxed\s*\{|\\(?:text|textbf|mathbf|mathrm)\s*\{"
+    r"|(?:approximately|approx\.|about|around|roughly|exactly|only|just|a total of|total of"
+    r"|equal to|equals|that)\b)*", re.IGNORECASE)
+_ANSWER_RE = re.compile(
+    r"(?<![\w])(?:(?:final|correct|right)\s+)?answer"
+    r"(?:\s+to\s+(?:the|this)\s+(?:question|problem))?(?:\s*(?:\*\*|__))?\s*"
+    r"(?:(?:is|would\s+be|will\s+be|should\s+be|must\s+be|comes\s+(?:out\s+)?to)\b\s*:?|[:=])",
+    re.IGNORECASE)
+_A_LABEL_RE = re.compile(r"(?m)^[ \t]*(?:\*\*|__)?A(?:\*\*|__)?[ \t]*:")
+_HASHES_RE = re.compile(r"(?<!#)####(?!#)")
+_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_NEXT_TURN_RE = re.compile(
+    r"\n\s*(?:Q:|Question\s*\d*:|Problem\s*\d*:|Human:|User:|#+\s*(?:Question|Problem|Instruction)"
+    r"|<\|(?:user|im_start)\|>)", re.IGNORECASE)
+_END_OF_TURN_RE = re.compile(r"<\|im_end\|>|<\|eot_id\|>|<\|endoftext\|>|<\|end_of_text\|>|</s>")
+_RETRACT_RE = re.compile(
+    r"[\s.!*$}]*(?:wait\b|hmm+\b|oops\b|actually\b|no,|(?:that|this)(?:'s| is) (?:not right|not "
+    r"correct|wrong|incorrect)|i made an? (?:mistake|error)|let me re-?(?:calculate|compute|do|"
+    r"think|consider|evaluate))", re.IGNORECASE)
+_STEP_RE = re.compile(r"(?:step|part|case|question|problem|option)\s*#?$", re.IGNORECASE)
+_LIST_ITEM_RE = re.compile(r"[.)][ \t]+[A-Za-z*]")
+_SENTENCE_END_RE = re.compile(r"[.!?](?=\s)|\n")
+
+
+@dataclass(frozen=True)
+class _Found:
+    value: str  # surface form of the answer, e.g. "1,080" or "\frac{1}{2}"
+    start: int  # where the answer statement starts (sentence start)
+    end: int  # where it ends
+
+
+# ---------------------------------------------------------------- numbers
+
+
+def _number_match(text: str, pos: int = 0) -> re.Match | None:
+    return _NUMBER_RE.match(text, pos)
+
+
+def _fraction(match: re.Match) -> Fraction | None:
+    """The value of a `_NUMBER_RE` match (a time like 3:30 has none; 3:00 is 3)."""
+    if match.group("latex"):
+        num, den = Fraction(match.group("ln")), Fraction(match.group("ld"))
+    elif match.group("time"):
+        hours, minutes = match.group("time").split(":")
+        if minutes != "00":
+            return None
+        num, den = Fraction(int(hours)), Fraction(1)
+    else:
+        num = Fraction(match.group("num").replace(",", ""))
+        den = Fraction(match.group("den")) if match.group("den") else Fraction(1)
+    if den == 0:
+        return None
+    value = num / den
+    if match.group("mult"):
+        value *= _MULTIPLIERS[match.group("mult").strip().lower()]
+    if match.group("sign") or match.group("sign2"):
+        value = -value
+    return value
+
+
+def _word_value(word: str) -> Fraction:
+    parts = re.split(r"[- ]", word.lower())
+    total = 0
+    for part in parts:
+        total += _WORDS.index(part) if part in _WORDS else 20 + 10 * _TENS.index(part)
+    return Fraction(total)
+
+
+def _canonical(value: Fraction) -> str:
+    """'18', '-2.5' (terminating decimals) or '1/3' (others): one string per number."""
+    if value.denominator == 1:
+        return str(value.numerator)
+    den = value.denominator
+    while den % 2 == 0:
+        den //= 2
+    while den % 5 == 0:
+        den //= 5
+    if den != 1:
+        return f"{value.numerator}/{value.denominator}"
+    with localcontext() as ctx:
+        ctx.prec = 60
+        text = format(Decimal(value.numerator) / Decimal(value.denominator), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def _parse_number(text: str) -> tuple[Fraction, bool] | None:
+    """(value, is_percent) when `text` is one number (currency, units and LaTeX allowed)."""
+    text = _strip_latex(text.strip()).strip().rstrip(".!").strip()
+    lead = _LEAD_RE.match(text)
+    pos = lead.end() if lead else 0
+    match = _number_match(text, pos)
+    if match is None:
+        word = _WORD_RE.fullmatch(text, pos)
+        return (_word_value(word.group("word")), False) if word else None
+    rest = text[match.end():].strip()
+    if rest and not re.fullmatch(r"[A-Za-z][A-Za-z .'/-]{0,40}|\(.{0,40}\)", rest):
+        return None  # more than a unit word after the number: not a single value
+    value = _fraction(match)
+    return (value, bool(match.group("pct"))) if value is not None else None
+
+
+def _strip_latex(text: str) -> str:
+    text = re.sub(r"\\(?:text|textbf|mathrm|mathbf|mbox)\s*\{([^{}]*)\}", r" \1 ", text)
+    text = re.sub(r"\\boxed\s*\{(.*)\}", r"\1", text)
+    text = text.replace("{,}", ",").replace("\\,", "").replace("\\!", "").replace("\\ ", " ")
+    text = re.sub(r"\\[()\[\]]|\$(?=\s*$)|^\s*\$(?=\s*[\\\d-])", "", text)
+    return text.replace("−", "-")
+
+
+# ---------------------------------------------------------------- math-verify
+
+
+def _math_verify_timeout() -> int | None:
+    """math-verify times out with signal.alarm, which only works on the main thread; elsewhere
+    (e.g. a thread pool in a server) we pass None and rely on inputs being short."""
+    return 5 if threading.current_thread() is threading.main_thread() else None
+
+
+def _latex_parse(text: str) -> list:
+    from math_verify import parse
+
+    latex = text if "$" in text or "\\boxed" in text else f"${text}$"
+    return parse(latex, parsing_timeout=_math_verify_timeout())
+
+
+def _latex_number(text: str) -> Fraction | None:
+    """A LaTeX expression's exact rational value via math-verify (e.g. 2^{3}, \\dfrac{9}{3})."""
+    import sympy
+
+    for item in _latex_parse(text):
+        if isinstance(item, sympy.Basic) and item.is_number:
+            value = sympy.nsimplify(item) if item.is_Float else sympy.simplify(item)
+            if value.is_Rational:
+                return Fraction(int(value.p), int(value.q))
+    return None
+
+
+# ---------------------------------------------------------------- extraction
+
+
+def _final_region(text: str) -> tuple[int, int]:
+    """Span of `text` that may hold the final answer (see rule 1 in the module docstring)."""
+    close = text.rfind("</think>")
+    start = close + len("</think>") if close >= 0 else 0
+    opened = text.find("<think>", start)
+    end = opened if opened >= 0 else len(text)
+    stop = _END_OF_TURN_RE.search(text, start, end)
+    return start, stop.start() if stop else end
+
+
+def _sentence_start(text: str, pos: int, floor: int) -> int:
+    start = floor
+    for match in _SENTENCE_END_RE.finditer(text, floor, pos):
+        start = match.end()
+    while start < pos and text[start].isspace():
+        start += 1
+    return start
+
+
+def _marker_value(text: str, pos: int, hashes: bool = False) -> tuple[str, int] | None:
+    """The number right after an answer marker ending at `pos`: (surface, end) or None."""
+    lead = _LEAD_RE.match(text, pos)
+    at = lead.end() if lead else pos
+    match = _number_match(text, at)
+    if match is None:
+        word = _WORD_RE.match(text, at)
+        if word and not re.match(r"[- ]?\w", text[word.end():word.end() + 2]):
+            return word.group("word"), word.end()
+        return None
+    line_start = text.rfind("\n", 0, match.start()) + 1
+    listy = hashes or not text[line_start:match.start()].strip()
+    if listy and _LIST_ITEM_RE.match(text, match.end()):
+        return None  # "1. First, ..." is a list item, not an answer
+    follow = re.match(r"\s*(?:[-+*/×÷^=]|\\times|\\cdot|x\s*\d)", text[match.end():])
+    if follow:  # an expression like "9 * 2 = 18": the value is after its last "="
+        line_end = text.find("\n", match.end())
+        line = text[match.end(): line_end if line_end >= 0 else len(text)]
+        cut = re.search(r"[.!?](?:\s|$)", line)
+        line = line[: cut.start()] if cut else line
+        if "=" in line:
+            return _marker_value(text, match.end() + line.rindex("=") + 1)
+    if match.group("time") and _fraction(match) is None:
+        return match.group(0).strip(), match.end()
+    return match.group(0).strip().lstrip("$").strip(), match.end()
+
+
+def _boxed_candidates(text: str) -> list[_Found]:
+    found = []
+    for match in _BOXED_RE.finditer(text):
+        depth, pos = 1, match.end()
+        while pos < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[pos], 0)
+            pos += 1
+        if depth:
+            continue  # unclosed box: truncated output
+        content = text[match.end(): pos - 1].strip()
+        if content:
+            found.append(_Found(content, _sentence_start(text, match.start(), 0), pos))
+    return found
+
+
+def _marker_candidates(text: str) -> list[_Found]:
+    """Every answer statement in `text` whose value can be read."""
+    found = _boxed_candidates(text)
+    for regex, hashes in ((_ANSWER_RE, False), (_A_LABEL_RE, False), (_HASHES_RE, True)):
+        for match in regex.finditer(text):
+            rest = text[match.end(): match.end() + 12].lower().lstrip(" *:")
+            if rest.startswith(("not ", "n't")):
+                continue
+            value = _marker_value(text, match.end(), hashes)
+            if value is not None:
+                start = _sentence_start(text, match.start(), 0)
+                found.append(_Found(value[0], start, value[1]))
+    return sorted(found, key=lambda f: (f.end, f.start))
+
+
+def _prose_candidate(text: str, floor: int = 0) -> _Found | None:
+    """The last number in `text[floor:]` that is not a step number or list marker."""
+    last = None
+    for match in _NUMBER_RE.finditer(text, floor):
+        before = text[max(0, match.start() - 12): match.start()]
+        if _STEP_RE.search(before.rstrip()):
+            continue
+        line_start = text.rfind("\n", 0, match.start()) + 1
+        if not text[line_start:match.start()].strip() and _LIST_ITEM_RE.match(text, match.end()):
+            continue
+        last = match
+    if last is None:
+        return None
+    surface = last.group(0).strip().lstrip("$").strip()
+    return _Found(surface, _sentence_start(text, last.start(), floor), last.end())
+
+
+def _find_final(text: str) -> _Found | None:
+    start, end = _final_region(text)
+    region = text[start:end]
+    markers = _marker_candidates(region)
+    if markers:  # drop a hallucinated next question (few-shot base models) and what follows
+        cut = _NEXT_TURN_RE.search(region, markers[0].end)
+        if cut:
+            region = region[: cut.start()]
+            markers = [m for m in markers if m.end <= cut.start()]
+    found = markers[-1] if markers else _prose_candidate(region)
+    if markers and _RETRACT_RE.match(region, found.end):
+        found = _prose_candidate(region, _RETRACT_RE.match(region, found.end).end())
+    if found is None:
+        return None
+    return _Found(found.value, found.start + start, found.end + start)
+
+
+# ---------------------------------------------------------------- public API
+
+
+def extract_answer(text: str) -> str | None:
+    """The completion's final answer as written (e.g. "1,080"), or None when it gives none."""
+    found = _find_final(text or "")
+    return found.value if found else None
+
+
+def final_answer_span(text: str) -> tuple[int, int] | None:
+    """Character span of the last answer statement (e.g. "The answer is 12."), or None."""
+    found = _find_final(text or "")
+    if found is None:
+        return None
+    end = found.end
+    while end < len(text) and text[end] in "$}*.!)":
+        end += 1
+    return found.start, end
+
+
+def normalize_answer(text: str | None) -> str | None:
+    """Canonical form of an answer for equality and majority vote ("$18.00" -> "18")."""
+    if text is None:
+        return None
+    parsed = _parse_number(text)
+    if parsed is not None:
+        return _canonical(parsed[0])
+    if "\\" in text or "^" in text:
+        value = _latex_number(text)
+        if value is not None:
+            return _canonical(value)
+    cleaned = " ".join(_strip_latex(text).split()).strip(" .").lower()
+    return cleaned or None
+
+
+def parse_gold(answer: str) -> str:
+    """Canonical gold value from a GSM8K solution ("... #### 72") or a bare value.
+
+    Raises ValueError when no value can be read (e.g. empty, "#### ", or plain words).
+    """
+    text = str(answer)
+    if "####" in text:
+        text = text.rsplit("####", 1)[1]
+    text = text.strip()
+    parsed = _parse_number(text)
+    if parsed is not None:
+        return _canonical(parsed[0])
+    if "\\" in text or "^" in text:
+        value = _latex_number(text)
+        if value is not None:
+            return _canonical(value)
+        if _latex_parse(text):  # a non-numeric LaTeX answer such as \sqrt{2}
+            return text
+    raise ValueError(f"cannot read a gold answer from {answer!r}")
+
+
+def answers_match(extracted: str | None, gold: str) -> bool:
+    """Whether an extracted answer equals a canonical gold value (see `parse_gold`)."""
+    if extracted is None:
+        return False
+    pred = _parse_number(extracted)
+    if pred is None and ("\\" in extracted or "^" in extracted):
+        value = _latex_number(extracted)
+        pred = (value, False) if value is not None else None
+    gold_value = _parse_number(gold)
+    if pred is not None and gold_value is not None:
+        # "25%" is right for a gold of 25 (GSM8K's percent questions) and of 0.25.
+        return pred[0] == gold_value[0] or (pred[1] and pred[0] / 100 == gold_value[0])
+    if normalize_answer(extracted) == normalize_answer(gold):
+        return True
+    if gold_value is None and "\\" in gold:
+        from math_verify import verify
+
+        return bool(verify(_latex_parse(gold), _latex_parse(extracted),
+                           timeout_seconds=_math_verify_timeout()))
+    return False
+
+
+def check_answer(completion: str, gold: str) -> CheckResult:
+    """Grade a completion against a gold answer (GSM8K solution or bare value)."""
+    gold_value = parse_gold(gold)
+    extracted = extract_answer(completion)
+    return CheckResult(extracted=extracted, correct=answers_match(extracted, gold_value))
