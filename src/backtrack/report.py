@@ -1,16 +1,273 @@
-"""Placeholder: the stage is being written."""
+"""`backtrack report`: one Markdown report, plots and results.json from the eval outputs.
+
+Reads `<output_dir>/eval/<arm>/metrics.json` (written by `backtrack eval`), the training loss
+of each fine-tuned arm (`<output_dir>/models/<arm>/loss.json`) and the SFT data stats, and
+writes `<output_dir>/report/`: `report.md`, `results.json` and PNG plots. Comparisons between
+arms use a paired bootstrap over the problems both arms were evaluated on.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import shutil
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from backtrack.config import CommonConfig
+import numpy as np
+
+from backtrack.config import CommonConfig, option
+from backtrack.errors import UserError
+from backtrack.metrics import paired_bootstrap
+
+DEFAULT_ARMS = ["base", "rft", "rft_bt", "budget_forcing"]
+COMPARISONS = [("rft_bt", "rft"), ("rft", "base"), ("rft_bt", "base"), ("budget_forcing", "base")]
+SELF_CORRECTION = [
+    ("backtracks_per_answer", "backtracks/answer", False),
+    ("share_backtracked", ">=1 backtrack", True),
+    ("share_backtracked_2plus", ">=2 backtracks", True),
+    ("accuracy_backtracked", "acc. when backtracked", True),
+    ("acc_first", "Acc@first", True),
+    ("acc_final", "Acc@final", True),
+    ("delta_i2c", "Δ(i→c)", True),
+    ("delta_c2i", "Δ(c→i)", True),
+    ("no_answer_share", "no answer", True),
+    ("mean_new_tokens", "tokens/answer", False),
+]
 
 
 @dataclass
 class ReportConfig(CommonConfig):
-    """Not implemented yet."""
+    """Write report.md, plots and results.json from the evaluation outputs."""
+
+    arms: list = option(list(DEFAULT_ARMS), "Arms to report (folders under <output_dir>/eval/).")
+    compare_metrics: list = option(
+        ["pass@1", "pass@4", "pass@n", "maj@n"],
+        "Metrics for the significance sentences; 'n' means the largest k evaluated.")
+    n_boot: int = option(10000, "Bootstrap resamples for the paired comparisons.")
 
 
-def main(config: ReportConfig) -> None:
-    raise NotImplementedError("report")
+def _load_arms(output_dir: Path, arms: list[str]) -> dict[str, dict]:
+    found = {}
+    for arm in arms:
+        path = output_dir / "eval" / arm / "metrics.json"
+        if path.is_file():
+            try:
+                found[arm] = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}: not valid JSON ({exc})") from exc
+    if not found:
+        raise UserError(f"{output_dir / 'eval'}: no metrics.json for any of the arms {arms}; "
+                        f"run `backtrack eval` first")
+    return found
+
+
+def load_loss(path: Path) -> tuple[list[float], list[float]] | None:
+    """(steps, losses) from a loss.json: a list of log entries or {steps, loss} lists."""
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if isinstance(data, dict) and "log_history" in data:
+        data = data["log_history"]
+    if isinstance(data, dict):
+        steps, losses = data.get("steps") or data.get("step"), data.get("loss") or data.get("losses")
+        if isinstance(steps, list) and isinstance(losses, list):
+            return [float(s) for s in steps], [float(v) for v in losses]
+        return None
+    points = []
+    for i, entry in enumerate(data or []):
+        if isinstance(entry, dict) and "loss" in entry:
+            points.append((float(entry.get("step", i)), float(entry["loss"])))
+        elif isinstance(entry, (list, tuple)) and len(entry) == 2:
+            points.append((float(entry[0]), float(entry[1])))
+    return ([p[0] for p in points], [p[1] for p in points]) if points else None
+
+
+def _resolve_metric(name: str, ks: list[int]) -> str:
+    return name.replace("@n", f"@{max(ks)}")
+
+
+def compare(arms: dict[str, dict], metric_names: list[str], n_boot: int, seed: int) -> list[dict]:
+    """Paired bootstrap over common problems for each (arm, reference) pair and metric."""
+    results = []
+    for arm, ref in COMPARISONS:
+        if arm not in arms or ref not in arms:
+            continue
+        a, b = arms[arm], arms[ref]
+        for raw in metric_names:
+            metric = _resolve_metric(raw, a["ks"])
+            if metric not in a["per_problem"] or metric not in b["per_problem"]:
+                continue
+            va = dict(zip(a["problem_ids"], a["per_problem"][metric]))
+            vb = dict(zip(b["problem_ids"], b["per_problem"][metric]))
+            common = sorted(p for p in set(va) & set(vb)
+                            if va[p] is not None and vb[p] is not None)
+            test = paired_bootstrap(np.array([va[p] for p in common]),
+                                    np.array([vb[p] for p in common]), n_boot=n_boot, seed=seed)
+            results.append({"arm": arm, "reference": ref, "metric": metric, **test})
+    return results
+
+
+def comparison_sentence(c: dict) -> str:
+    if not c["problems"]:
+        return f"- {c['arm']} vs {c['reference']} on {c['metric']}: no common problems."
+    verdict = ("significant" if c["significant"] else "not significant") + " at the 95 % level"
+    direction = "higher" if c["diff"] > 0 else "lower" if c["diff"] < 0 else "equal"
+    p_text = "p < 0.001" if c["p_value"] < 0.001 else f"p = {c['p_value']:.3f}"
+    return (f"- **{c['arm']} vs {c['reference']}** on {c['metric']}: {c['diff'] * 100:+.1f} points "
+            f"({direction}; 95 % CI [{c['low'] * 100:+.1f}, {c['high'] * 100:+.1f}], {p_text}, "
+            f"paired bootstrap over {c['problems']} problems): {verdict}.")
+
+
+def _cell(m: dict | None, percent: bool) -> str:
+    if not m or m["value"] is None or (isinstance(m["value"], float) and math.isnan(m["value"])):
+        return "–"
+    scale, fmt = (100, "{:.1f}") if percent else (1, "{:.2f}")
+    value, low, high = (fmt.format(m[key] * scale) for key in ("value", "low", "high"))
+    return f"{value} [{low}, {high}]"
+
+
+def _table(arms: dict[str, dict], columns: list[tuple[str, str, bool]]) -> list[str]:
+    lines = ["| arm | " + " | ".join(label for _, label, _ in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for arm, data in arms.items():
+        cells = [_cell(data["metrics"].get(key), pct) for key, _, pct in columns]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_markdown(results: dict, plots: list[str]) -> str:
+    arms = results["arms"]
+    ks = max((a["ks"] for a in arms.values()), key=len)
+    # accuracy and maj@1 equal pass@1 (the mean over samples), so they are not repeated
+    accuracy_cols = ([(f"pass@{k}", f"pass@{k}", True) for k in ks]
+                     + [(f"maj@{k}", f"maj@{k}", True) for k in ks if k > 1])
+    first = next(iter(arms.values()))
+    lines = [
+        "# backtrack report", "",
+        f"Task `{results['task']}`, base model `{results['model']}`, output `{results['output_dir']}`. "
+        f"{first['problems']} test problems x {first['samples_per_problem']} samples per arm. "
+        "Values in % (tokens and backtracks as counts) with 95 % bootstrap CIs over problems.", "",
+        "## Accuracy", "", *_table(arms, accuracy_cols), "",
+        "## Self-correction", "",
+        "Backtracks are phrase matches (pattern in results.json); Acc@first judges the answer "
+        "stated before the first backtrack, Δ(i→c)/Δ(c→i) are the shares of all answers that "
+        "went from wrong to right / right to wrong (SCoRe).", "",
+        *_table(arms, SELF_CORRECTION), "",
+        "## Comparisons", "",
+        "Paired bootstrap over problems on the per-problem difference of the metric "
+        "(two-sided; significant when the 95 % CI of the mean difference excludes 0).", "",
+        *[comparison_sentence(c) for c in results["comparisons"]], "",
+    ]
+    if results.get("missing_arms"):
+        lines += [f"Arms without evaluation output: {', '.join(results['missing_arms'])}.", ""]
+    if results.get("sft_stats"):
+        lines += ["## SFT data", "", "```json", json.dumps(results["sft_stats"], indent=2), "```", ""]
+    lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    return "\n".join(lines)
+
+
+def _plot_curves(ax, arms: dict[str, dict], prefix: str) -> None:
+    for arm, data in arms.items():
+        ks = [k for k in data["ks"] if f"{prefix}@{k}" in data["metrics"]]
+        cells = [data["metrics"][f"{prefix}@{k}"] for k in ks]
+        ax.plot(ks, [c["value"] * 100 for c in cells], marker="o", label=arm)
+        ax.fill_between(ks, [c["low"] * 100 for c in cells], [c["high"] * 100 for c in cells],
+                        alpha=0.15)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k")
+    ax.set_ylabel(f"{prefix}@k (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+def _plot_histogram(ax, arms: dict[str, dict]) -> None:
+    """Share of answers with 0, 1, 2, 3+ backtracks, one bar group per count."""
+    buckets = ["0", "1", "2", "3+"]
+    width = 0.8 / max(1, len(arms))
+    for i, (arm, data) in enumerate(arms.items()):
+        hist = {int(k): v for k, v in data["backtrack_histogram"].items()}
+        total = max(1, sum(hist.values()))
+        shares = [hist.get(0, 0), hist.get(1, 0), hist.get(2, 0),
+                  sum(v for k, v in hist.items() if k >= 3)]
+        ax.bar(np.arange(4) + i * width, [100 * s / total for s in shares], width, label=arm)
+    ax.set_xticks(np.arange(4) + width * (len(arms) - 1) / 2, buckets)
+    ax.set_xlabel("backtracks per answer")
+    ax.set_ylabel("answers (%)")
+    ax.legend()
+
+
+def write_plots(folder: Path, arms: dict[str, dict], losses: dict) -> list[str]:
+    """PNG plots into `folder`; returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    for name, draw in [("pass_at_k.png", lambda ax: _plot_curves(ax, arms, "pass")),
+                       ("maj_at_k.png", lambda ax: _plot_curves(ax, arms, "maj")),
+                       ("backtracks_hist.png", lambda ax: _plot_histogram(ax, arms))]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        draw(ax)
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=100)
+        plt.close(fig)
+        names.append(name)
+    if losses:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for arm, (steps, values) in losses.items():
+            ax.plot(steps, values, label=arm)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(folder / "training_loss.png", dpi=100)
+        plt.close(fig)
+        names.append("training_loss.png")
+    return names
+
+
+def _atomic_replace_dir(tmp: Path, target: Path) -> None:
+    old = target.with_name(target.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def main(config: ReportConfig) -> Path:
+    from backtrack.runinfo import write_run_info
+
+    output_dir = Path(config.output_dir)
+    arms = _load_arms(output_dir, list(config.arms))
+    losses = {arm: load_loss(output_dir / "models" / arm / "loss.json") for arm in config.arms}
+    losses = {arm: curve for arm, curve in losses.items() if curve}
+    stats_path = output_dir / "sft" / "stats.json"
+    results = {
+        "task": config.task, "model": config.model, "output_dir": str(output_dir),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "arms": {arm: {k: v for k, v in d.items() if k not in ("per_problem", "problem_ids")}
+                 for arm, d in arms.items()},
+        "missing_arms": [a for a in config.arms if a not in arms],
+        "comparisons": compare(arms, list(config.compare_metrics), config.n_boot, config.seed),
+        "training_loss": {arm: {"steps": s, "loss": v} for arm, (s, v) in losses.items()},
+        "sft_stats": json.loads(stats_path.read_text()) if stats_path.is_file() else None,
+    }
+    target = output_dir / "report"
+    tmp = output_dir / f".report.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    plots = write_plots(tmp, results["arms"], losses)
+    (tmp / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (tmp / "report.md").write_text(render_markdown(results, plots))
+    write_run_info(tmp, config, "report",
+                   inputs=[output_dir / "eval" / arm / "metrics.json" for arm in arms])
+    _atomic_replace_dir(tmp, target)
+    print(f"report: {target / 'report.md'}")
+    return target / "report.md"
