@@ -86,6 +86,11 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     if inner in (int, float):
         if isinstance(value, str):
             value = _parse_string(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-5` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{where}: expected a number, got {value!r}")
         if inner is int and float(value) != int(value):
