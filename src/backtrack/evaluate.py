@@ -1,16 +1,241 @@
-"""Placeholder: the stage is being written."""
+"""`backtrack eval`: n samples per test problem for each arm, then every metric.
+
+Arms: `base` (the recipe's model), `rft` and `rft_bt` (the fine-tuned folders under
+`<output_dir>/models/`), and `budget_forcing`: the base model with s1's budget forcing at
+inference (the first `</think>` it emits is replaced by "Wait" and generation goes on once,
+with no checking). Records go to a resumable store per arm (`<output_dir>/eval/<arm>/`), so an
+interrupted evaluation continues where it stopped; `metrics.json` is recomputed from the
+records at the end.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
-from backtrack.config import CommonConfig
+from backtrack.config import CommonConfig, option
+from backtrack.errors import UserError
+from backtrack.metrics import DEFAULT_BACKTRACK_PATTERN
+
+ARMS = ("base", "rft", "rft_bt", "budget_forcing")
+THINK_CLOSE = "</think>"
 
 
 @dataclass
 class EvalConfig(CommonConfig):
-    """Not implemented yet."""
+    """Sample n answers per test problem for each arm and compute pass@k, maj@k and more."""
+
+    arms: list = option(list(ARMS), f"Arms to evaluate, any of {', '.join(ARMS)}.")
+    n: int = option(16, "Samples per test problem (pass@k and maj@k for k = 1, 2, 4, ..., n).")
+    limit: int = option(0, "Evaluate the first N test problems (0 = the whole test split).")
+    temperature: float = option(0.8, "Sampling temperature.")
+    top_p: float = option(1.0, "Nucleus sampling top_p.")
+    max_new_tokens: int = option(256, "Longest answer in new tokens (budget forcing's "
+                                 "continuation gets the same budget again).")
+    engine: str = option("hf", "Generation engine.", choices=("hf", "vllm", "openai"))
+    engine_args: dict = option({}, "Extra engine options (e.g. {base_url: ...} for openai, "
+                               "{tensor_parallel_size: 2} for vllm).")
+    batch_size: int = option(64, "Sequences decoded together by the hf engine (prompts x n).")
+    forcing_phrase: str = option("Wait", "Budget forcing: text put in place of the first "
+                                 "</think>.")
+    backtrack_pattern: str = option(DEFAULT_BACKTRACK_PATTERN, "Regex (case-insensitive) of "
+                                    "backtrack phrases; matches within a sentence count once.")
+    n_boot: int = option(1000, "Bootstrap resamples over problems for the 95 % CIs.")
+    max_subsets: int = option(1000, "maj@k: random k-subsets per problem when there are more.")
+
+    def validate(self) -> None:
+        unknown = [a for a in self.arms if a not in ARMS]
+        if unknown or not self.arms:
+            raise UserError(f"option 'arms': unknown arm(s) {unknown} (known: {list(ARMS)})")
+        for name in ("n", "max_new_tokens", "batch_size", "n_boot", "max_subsets"):
+            if getattr(self, name) < 1:
+                raise UserError(f"option '{name}': must be at least 1")
+        if self.limit < 0:
+            raise UserError("option 'limit': must be >= 0")
 
 
-def main(config: EvalConfig) -> None:
-    raise NotImplementedError("evaluate")
+def arm_model_path(config: EvalConfig, arm: str) -> str:
+    """The model folder of an arm: the base model, or the arm's fine-tuned folder."""
+    from backtrack.models import resolve_model_path
+
+    if arm in ("base", "budget_forcing"):
+        return resolve_model_path(config.model, config.output_dir)
+    path = Path(config.output_dir) / "models" / arm
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: no trained model for arm '{arm}'; run `backtrack train "
+                        f"--arm {arm}` first")
+    return str(path)
+
+
+def _model_identity(model_path: str) -> str:
+    """What tells one trained model from another in the same folder (cheap: no weight hashing).
+
+    A fine-tuned folder's run.json (written by `backtrack train`, with its config and time)
+    changes on every retraining; otherwise the config.json hash and the weights' size.
+    """
+    from backtrack.runinfo import hash_path
+
+    folder = Path(model_path)
+    if (folder / "run.json").is_file():
+        return f"run.json:{hash_path(folder / 'run.json')}"
+    if (folder / "config.json").is_file():
+        size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+        return f"{folder}:{hash_path(folder / 'config.json')}:{size}"
+    return model_path
+
+
+def fingerprint(config: EvalConfig, arm: str, model_path: str) -> dict:
+    """Everything that shapes an arm's records; a store written with another is refused."""
+    fp = {"arm": arm, "task": config.task, "task_args": config.task_args,
+          "model": _model_identity(model_path), "n": config.n, "seed": config.seed,
+          "temperature": config.temperature, "top_p": config.top_p,
+          "max_new_tokens": config.max_new_tokens}
+    if arm == "budget_forcing":
+        fp["forcing_phrase"] = config.forcing_phrase
+    return fp
+
+
+def _engine(config: EvalConfig, model_path: str):
+    from backtrack.engines import make_engine
+
+    options = dict(config.engine_args)
+    if config.engine == "hf":
+        options.setdefault("batch_size", config.batch_size)
+    return make_engine(config.engine, model_path, **options)
+
+
+def force_budget(engine, tokenizer, prompts: list[str], outputs: list[list], params,
+                 phrase: str) -> list[list[dict]]:
+    """s1 budget forcing: cut each sample at its first `</think>`, append `phrase`, continue once.
+
+    Samples that never close their reasoning are kept as they are. The continuation gets the
+    full token budget again (the point of forcing is more thinking); its new tokens are added
+    to the tokens of the kept prefix (re-tokenised, since only text crosses the engine API).
+    """
+    from backtrack.engines import GenerationParams
+
+    results = [[{"text": c.text, "new_tokens": c.new_tokens, "finish_reason": c.finish_reason,
+                 "forced": False} for c in row] for row in outputs]
+    jobs = []  # (prompt index, sample index, partial text)
+    for i, row in enumerate(outputs):
+        for j, completion in enumerate(row):
+            cut = completion.text.find(THINK_CLOSE)
+            if cut >= 0:
+                jobs.append((i, j, completion.text[:cut] + phrase))
+    if not jobs:
+        return results
+    cont_params = GenerationParams(n=1, temperature=params.temperature, top_p=params.top_p,
+                                   max_new_tokens=params.max_new_tokens, seed=params.seed + 1)
+    continued = engine.generate([prompts[i] + partial for i, _, partial in jobs], cont_params)
+    for (i, j, partial), (completion,) in zip(jobs, continued):
+        prefix_tokens = len(tokenizer(partial, add_special_tokens=False)["input_ids"])
+        results[i][j] = {"text": partial + completion.text, "forced": True,
+                         "new_tokens": prefix_tokens + completion.new_tokens,
+                         "finish_reason": completion.finish_reason}
+    return results
+
+
+def _records(task, problems, outputs: list[list[dict]], arm: str) -> list[dict]:
+    records = []
+    for problem, row in zip(problems, outputs):
+        for idx, out in enumerate(row):
+            check = task.check(out["text"], problem.answer)
+            records.append({"problem_id": problem.id, "sample_idx": idx, "round": 0, "arm": arm,
+                            "answer": problem.answer, "completion": out["text"],
+                            "extracted": check.extracted, "correct": bool(check.correct),
+                            "new_tokens": out["new_tokens"],
+                            "finish_reason": out["finish_reason"],
+                            **({"forced": out["forced"]} if "forced" in out else {})})
+    return records
+
+
+def sample_arm(config: EvalConfig, arm: str, task, problems, store) -> None:
+    """Generate the missing samples of `problems` for `arm` into `store`, batch by batch."""
+    from tqdm import tqdm
+
+    from backtrack.chat import render_prompt
+    from backtrack.engines import GenerationParams
+    from backtrack.models import load_tokenizer
+
+    done = store.done_keys()
+    todo = [p for p in problems if any((p.id, i, 0) not in done for i in range(config.n))]
+    if not todo:
+        return
+    model_path = arm_model_path(config, arm)
+    tokenizer = load_tokenizer(model_path)
+    engine = _engine(config, model_path)
+    params = GenerationParams(n=config.n, temperature=config.temperature, top_p=config.top_p,
+                              max_new_tokens=config.max_new_tokens, seed=config.seed)
+    chunk = max(1, config.batch_size // config.n) * 4  # a few engine batches per store flush
+    bar = tqdm(total=len(todo), desc=f"eval {arm}", unit="problem", dynamic_ncols=True)
+    correct = total = 0
+    try:
+        for start in range(0, len(todo), chunk):
+            batch = todo[start:start + chunk]
+            prompts = [render_prompt(tokenizer, task.messages(p)) for p in batch]
+            outputs = engine.generate(prompts, params)
+            if arm == "budget_forcing":
+                rows = force_budget(engine, tokenizer, prompts, outputs, params,
+                                    config.forcing_phrase)
+            else:
+                rows = [[{"text": c.text, "new_tokens": c.new_tokens,
+                          "finish_reason": c.finish_reason} for c in row] for row in outputs]
+            records = _records(task, batch, rows, arm)
+            store.append(records)
+            correct += sum(r["correct"] for r in records)
+            total += len(records)
+            bar.update(len(batch))
+            bar.set_postfix(acc=f"{correct / total:.3f}")
+    finally:
+        bar.close()
+        engine.close()
+
+
+def summarize_arm(config: EvalConfig, task, records: list[dict]) -> dict:
+    from backtrack.checking import normalize_answer
+    from backtrack.metrics import summarize
+
+    return summarize(records, pattern=config.backtrack_pattern, normalize=normalize_answer,
+                     check_first=lambda text, gold: task.check(text, gold).correct,
+                     n_boot=config.n_boot, max_subsets=config.max_subsets, seed=config.seed)
+
+
+def evaluate_arm(config: EvalConfig, arm: str) -> dict:
+    """Sample (resuming), then write `<output_dir>/eval/<arm>/metrics.json`."""
+    from backtrack.runinfo import write_run_info
+    from backtrack.store import RecordStore
+    from backtrack.tasks import get_task
+
+    task = get_task(config.task, config.task_args)
+    problems = task.problems("test", config.limit or None)
+    if not problems:
+        raise UserError(f"task '{config.task}': the test split is empty")
+    folder = Path(config.output_dir) / "eval" / arm
+    model_path = arm_model_path(config, arm)
+    with RecordStore(folder, fingerprint(config, arm, model_path)) as store:
+        sample_arm(config, arm, task, problems, store)
+        wanted = {p.id for p in problems}
+        records = [r for r in store.records() if r["problem_id"] in wanted
+                   and r["sample_idx"] < config.n]
+    summary = {"arm": arm, "model_path": model_path, **summarize_arm(config, task, records)}
+    tmp = folder / "metrics.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    os.replace(tmp, folder / "metrics.json")
+    write_run_info(folder, config, "eval", extra={"arm": arm, "model_path": model_path})
+    return summary
+
+
+def main(config: EvalConfig) -> dict:
+    results = {}
+    for arm in config.arms:
+        summary = evaluate_arm(config, arm)
+        m, ks = summary["metrics"], summary["ks"]
+        top = max(ks)
+        print(f"eval {arm}: pass@1 {m['pass@1']['value']:.3f}  pass@{top} "
+              f"{m[f'pass@{top}']['value']:.3f}  maj@{top} {m[f'maj@{top}']['value']:.3f}  "
+              f"backtracks/answer {m['backtracks_per_answer']['value']:.2f}  "
+              f"-> {Path(config.output_dir) / 'eval' / arm / 'metrics.json'}", flush=True)
+        results[arm] = summary
+    return results
