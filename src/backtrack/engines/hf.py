@@ -1,0 +1,130 @@
+"""The transformers engine: batched sampling with `model.generate` on CPU or GPU.
+
+Prompts are sorted by token length and left-padded into batches so little compute goes to
+padding. When n > 1, each prompt is prefilled once and its KV cache is repeated n times before
+decoding (transformers' `num_return_sequences` copies the prompt first and prefills every copy).
+Generation stops at EOS / end-of-turn tokens and at optional stop strings.
+"""
+
+from __future__ import annotations
+
+from backtrack.engines import Completion, Engine, GenerationParams, cut_at_stop, derive_seed
+
+
+def load_model_and_tokenizer(model_path: str, device: str, dtype: str | None):
+    """Model (eval mode, on `device`) and tokenizer of a local folder or hub id."""
+    import torch
+
+    from backtrack.models import load_model, load_tokenizer
+
+    torch_dtype = getattr(torch, dtype) if dtype else (
+        torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    tokenizer = load_tokenizer(model_path)
+    model = load_model(model_path, dtype=torch_dtype)
+    return model.to(device).eval(), tokenizer
+
+
+class HFEngine(Engine):
+    """`batch_size` is the number of sequences decoded together (prompts x n)."""
+
+    def __init__(self, model_path: str, device: str | None = None, dtype: str | None = None,
+                 batch_size: int = 64, share_prefill: bool = True, model=None, tokenizer=None):
+        import torch
+        from transformers import GenerationConfig
+
+        from backtrack.chat import end_of_turn_ids
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if model is None or tokenizer is None:
+            model, tokenizer = load_model_and_tokenizer(model_path, self.device, dtype)
+        self.model, self.tokenizer = model, tokenizer
+        self.eos_ids = end_of_turn_ids(tokenizer)
+        self._eos_set = set(self.eos_ids)
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad) if pad is not None else self.eos_ids[0]
+        # A clean generation config: no hub defaults (top_k, repetition penalty...) leak in.
+        self.model.generation_config = GenerationConfig(
+            eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
+        self.batch_size = max(1, int(batch_size))
+        self.share_prefill = share_prefill
+
+    def encode(self, prompt: str) -> list[int]:
+        """Prompt ids; the chat template already holds any BOS, so none is added."""
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def generate(self, prompts: list[str], params: GenerationParams) -> list[list[Completion]]:
+        params.validate()
+        encoded = [self.encode(p) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+        per_batch = max(1, self.batch_size // params.n)
+        results: list[list[Completion]] = [[] for _ in prompts]
+        for start in range(0, len(order), per_batch):
+            chunk = order[start:start + per_batch]
+            seed = derive_seed(params.seed, *(prompts[i] for i in chunk))
+            outputs = self._generate_batch([encoded[i] for i in chunk], params, seed)
+            for j, i in enumerate(chunk):
+                results[i] = outputs[j * params.n:(j + 1) * params.n]
+        return results
+
+    def _generate_batch(self, batch: list[list[int]], params: GenerationParams,
+                        seed: int) -> list[Completion]:
+        import torch
+
+        width = max(len(ids) for ids in batch)
+        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, ids in enumerate(batch):
+            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            mask[row, width - len(ids):] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        kwargs = dict(
+            max_new_tokens=params.max_new_tokens, do_sample=params.temperature > 0,
+            eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
+        if params.temperature > 0:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+        if params.stop:
+            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        torch.manual_seed(seed)
+        with torch.inference_mode():
+            if params.n > 1 and self.share_prefill and width > 1:
+                input_ids, mask, cache = self._shared_prefill(input_ids, mask, params.n)
+                kwargs["past_key_values"] = cache
+            elif params.n > 1:
+                kwargs["num_return_sequences"] = params.n
+            out = self.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+        generated = out[:, width:].tolist()
+        return [self._to_completion(ids, params.stop) for ids in generated]
+
+    def _shared_prefill(self, input_ids, mask, n: int):
+        """Run the prompt batch once (all but its last token), then repeat the cache n times.
+
+        `generate` resumes from a cache that covers all but the last prompt token, so only the
+        last token of each copy is recomputed.
+        """
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        self.model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1],
+                   position_ids=position_ids[:, :-1], past_key_values=cache, use_cache=True,
+                   logits_to_keep=1)
+        cache.batch_repeat_interleave(n)
+        return input_ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0), cache
+
+    def _to_completion(self, ids: list[int], stops: list[str]) -> Completion:
+        end = next((i for i, t in enumerate(ids) if t in self._eos_set), None)
+        if end is not None:
+            kept = ids[:end]
+        else:  # rows finished by a stop string are padded afterwards
+            kept = list(ids)
+            while kept and kept[-1] == self.pad_id:
+                kept.pop()
+        text = self.tokenizer.decode(kept, skip_special_tokens=False,
+                                     clean_up_tokenization_spaces=False)
+        text, hit_stop = cut_at_stop(text, stops)
+        finished = end is not None or hit_stop
+        return Completion(text=text, new_tokens=end + 1 if end is not None else len(kept),
+                          finish_reason="stop" if finished else "length", token_ids=kept)
+
+    def close(self) -> None:
+        self.model = None
