@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
-
 import pytest
 
 from backtrack import evaluate
@@ -14,7 +12,7 @@ from backtrack.errors import UserError
 
 def _config(tmp_path, model_dir, **kw):
     base = dict(model=str(model_dir), output_dir=str(tmp_path), n=4, limit=3,
-                max_new_tokens=12, batch_size=16, n_boot=100)
+                max_new_tokens=12, batch_size=2, n_boot=100, progress=False)
     return evaluate.EvalConfig(**{**base, **kw})
 
 
@@ -56,14 +54,19 @@ def test_missing_trained_arm_is_a_user_error(tmp_path, tiny_model_dir):
 
 
 class FakeEngine:
-    """Continues every prompt with a fixed text and remembers what it was asked."""
+    """First call: the given outputs; later calls continue every prompt with a fixed text."""
 
-    def __init__(self):
-        self.prompts = []
+    def __init__(self, first):
+        self.first, self.calls = first, []
 
     def generate(self, prompts, params):
-        self.prompts += prompts
+        self.calls.append((list(prompts), params))
+        if len(self.calls) == 1:
+            return self.first
         return [[Completion(" 2 + 2 = 4</think>\nThe answer is 4.", 9, "stop")] for _ in prompts]
+
+    def close(self):
+        self.closed = True
 
 
 def _tokenizer(text, add_special_tokens=False):
@@ -71,18 +74,21 @@ def _tokenizer(text, add_special_tokens=False):
 
 
 def test_budget_forcing_replaces_first_think_close_and_continues_once():
-    engine = FakeEngine()
-    outputs = [[Completion("<think>2 + 2 = 5</think>\nThe answer is 5.", 12, "stop"),
-                Completion("<think>2 + 2 = 5", 30, "length")]]
-    params = GenerationParams(n=2, max_new_tokens=30, seed=3)
-    rows = evaluate.force_budget(engine, _tokenizer, ["PROMPT"], outputs, params, "Wait")
-    forced, untouched = rows[0]
-    assert engine.prompts == ["PROMPT<think>2 + 2 = 5Wait"]
-    assert forced["text"] == "<think>2 + 2 = 5Wait 2 + 2 = 4</think>\nThe answer is 4."
-    assert forced["forced"] and forced["finish_reason"] == "stop"
-    assert forced["new_tokens"] == len("<think>2 + 2 = 5Wait".split()) + 9
-    assert untouched == {"text": "<think>2 + 2 = 5", "new_tokens": 30,
-                         "finish_reason": "length", "forced": False}
+    first = [[Completion("<think>2 + 2 = 5</think>\nThe answer is 5.", 12, "stop"),
+              Completion("<think>2 + 2 = 5", 30, "length")]]
+    inner = FakeEngine(first)
+    engine = evaluate.BudgetForcingEngine(inner, _tokenizer, "Wait")
+    (forced, untouched), = engine.generate(["PROMPT"], GenerationParams(n=2, seed=3))
+    assert len(inner.calls) == 2
+    prompts, params = inner.calls[1]
+    assert prompts == ["PROMPT<think>2 + 2 = 5Wait"] and params.n == 1
+    assert forced.text == "<think>2 + 2 = 5Wait 2 + 2 = 4</think>\nThe answer is 4."
+    assert forced.finish_reason == "stop"
+    assert forced.new_tokens == len("<think>2 + 2 = 5Wait".split()) + 9
+    assert (untouched.text, untouched.new_tokens, untouched.finish_reason) == \
+        ("<think>2 + 2 = 5", 30, "length")
+    engine.close()
+    assert inner.closed
 
 
 def test_self_correction_stats_use_the_task_checker():

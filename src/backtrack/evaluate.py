@@ -35,15 +35,16 @@ class EvalConfig(CommonConfig):
     max_new_tokens: int = option(256, "Longest answer in new tokens (budget forcing's "
                                  "continuation gets the same budget again).")
     engine: str = option("hf", "Generation engine.", choices=("hf", "vllm", "openai"))
-    engine_args: dict = option({}, "Extra engine options (e.g. {base_url: ...} for openai, "
-                               "{tensor_parallel_size: 2} for vllm).")
-    batch_size: int = option(64, "Sequences decoded together by the hf engine (prompts x n).")
+    engine_args: dict = option({}, "Engine options, e.g. {batch_size: 64} for hf (sequences "
+                               "decoded together), {base_url: ...} for openai.")
+    batch_size: int = option(16, "Problems per engine call; records are saved after each.")
     forcing_phrase: str = option("Wait", "Budget forcing: text put in place of the first "
                                  "</think>.")
     backtrack_pattern: str = option(DEFAULT_BACKTRACK_PATTERN, "Regex (case-insensitive) of "
                                     "backtrack phrases; matches within a sentence count once.")
     n_boot: int = option(1000, "Bootstrap resamples over problems for the 95 % CIs.")
     max_subsets: int = option(1000, "maj@k: random k-subsets per problem when there are more.")
+    progress: bool = option(True, "Show a progress bar.")
 
     def validate(self) -> None:
         unknown = [a for a in self.arms if a not in ARMS]
@@ -87,9 +88,10 @@ def _model_identity(model_path: str) -> str:
 
 
 def fingerprint(config: EvalConfig, arm: str, model_path: str) -> dict:
-    """Everything that shapes an arm's records; a store written with another is refused."""
+    """What shapes an arm's records; a store written with another is refused. Not n or limit:
+    raising them only adds the missing samples."""
     fp = {"arm": arm, "task": config.task, "task_args": config.task_args,
-          "model": _model_identity(model_path), "n": config.n, "seed": config.seed,
+          "model": _model_identity(model_path), "seed": config.seed,
           "temperature": config.temperature, "top_p": config.top_p,
           "max_new_tokens": config.max_new_tokens}
     if arm == "budget_forcing":
@@ -98,98 +100,73 @@ def fingerprint(config: EvalConfig, arm: str, model_path: str) -> dict:
 
 
 def _engine(config: EvalConfig, model_path: str):
-    from backtrack.engines import make_engine
+    from backtrack.sample import open_engine
 
-    options = dict(config.engine_args)
-    if config.engine == "hf":
-        options.setdefault("batch_size", config.batch_size)
-    return make_engine(config.engine, model_path, **options)
+    return open_engine(config, model_path)
 
 
-def force_budget(engine, tokenizer, prompts: list[str], outputs: list[list], params,
-                 phrase: str) -> list[list[dict]]:
-    """s1 budget forcing: cut each sample at its first `</think>`, append `phrase`, continue once.
+class BudgetForcingEngine:
+    """s1 budget forcing around any engine: cut each sample at its first `</think>`, put
+    `phrase` there and continue once, with no checking.
 
-    Samples that never close their reasoning are kept as they are. The continuation gets the
-    full token budget again (the point of forcing is more thinking); its new tokens are added
-    to the tokens of the kept prefix (re-tokenised, since only text crosses the engine API).
+    Wrapping the engine lets the eval stage reuse the sample stage's loop unchanged. Samples
+    that never close their reasoning are kept as they are. The continuation gets the full
+    token budget again (the point of forcing is more thinking); its new tokens are added to
+    those of the kept prefix (re-tokenised, since only text crosses the engine API).
     """
-    from backtrack.engines import GenerationParams
 
-    results = [[{"text": c.text, "new_tokens": c.new_tokens, "finish_reason": c.finish_reason,
-                 "forced": False} for c in row] for row in outputs]
-    jobs = []  # (prompt index, sample index, partial text)
-    for i, row in enumerate(outputs):
-        for j, completion in enumerate(row):
-            cut = completion.text.find(THINK_CLOSE)
-            if cut >= 0:
-                jobs.append((i, j, completion.text[:cut] + phrase))
-    if not jobs:
-        return results
-    cont_params = GenerationParams(n=1, temperature=params.temperature, top_p=params.top_p,
-                                   max_new_tokens=params.max_new_tokens, seed=params.seed + 1)
-    continued = engine.generate([prompts[i] + partial for i, _, partial in jobs], cont_params)
-    for (i, j, partial), (completion,) in zip(jobs, continued):
-        prefix_tokens = len(tokenizer(partial, add_special_tokens=False)["input_ids"])
-        results[i][j] = {"text": partial + completion.text, "forced": True,
-                         "new_tokens": prefix_tokens + completion.new_tokens,
-                         "finish_reason": completion.finish_reason}
-    return results
+    def __init__(self, engine, tokenizer, phrase: str):
+        self.engine, self.tokenizer, self.phrase = engine, tokenizer, phrase
 
+    def generate(self, prompts: list[str], params) -> list[list]:
+        import dataclasses
 
-def _records(task, problems, outputs: list[list[dict]], arm: str) -> list[dict]:
-    records = []
-    for problem, row in zip(problems, outputs):
-        for idx, out in enumerate(row):
-            check = task.check(out["text"], problem.answer)
-            records.append({"problem_id": problem.id, "sample_idx": idx, "round": 0, "arm": arm,
-                            "answer": problem.answer, "completion": out["text"],
-                            "extracted": check.extracted, "correct": bool(check.correct),
-                            "new_tokens": out["new_tokens"],
-                            "finish_reason": out["finish_reason"],
-                            **({"forced": out["forced"]} if "forced" in out else {})})
-    return records
+        from backtrack.engines import Completion
+
+        outputs = self.engine.generate(prompts, params)
+        jobs = []  # (prompt index, sample index, partial text)
+        for i, row in enumerate(outputs):
+            for j, completion in enumerate(row):
+                cut = completion.text.find(THINK_CLOSE)
+                if cut >= 0:
+                    jobs.append((i, j, completion.text[:cut] + self.phrase))
+        if not jobs:
+            return outputs
+        cont_params = dataclasses.replace(params, n=1, seed=params.seed + 1)
+        continued = self.engine.generate([prompts[i] + partial for i, _, partial in jobs],
+                                         cont_params)
+        for (i, j, partial), (completion,) in zip(jobs, continued):
+            prefix = len(self.tokenizer(partial, add_special_tokens=False)["input_ids"])
+            outputs[i][j] = Completion(partial + completion.text, prefix + completion.new_tokens,
+                                       completion.finish_reason)
+        return outputs
+
+    def close(self) -> None:
+        self.engine.close()
 
 
 def sample_arm(config: EvalConfig, arm: str, task, problems, store) -> None:
-    """Generate the missing samples of `problems` for `arm` into `store`, batch by batch."""
-    from tqdm import tqdm
-
+    """Generate the missing samples of `problems` for `arm` into `store` (the sample loop)."""
     from backtrack.chat import render_prompt
     from backtrack.engines import GenerationParams
     from backtrack.models import load_tokenizer
+    from backtrack.sample import sample_problems
 
     done = store.done_keys()
-    todo = [p for p in problems if any((p.id, i, 0) not in done for i in range(config.n))]
-    if not todo:
+    if all((p.id, i, 0) in done for p in problems for i in range(config.n)):
         return
     model_path = arm_model_path(config, arm)
     tokenizer = load_tokenizer(model_path)
     engine = _engine(config, model_path)
+    if arm == "budget_forcing":
+        engine = BudgetForcingEngine(engine, tokenizer, config.forcing_phrase)
+    prompts = {p.id: render_prompt(tokenizer, task.messages(p)) for p in problems}
     params = GenerationParams(n=config.n, temperature=config.temperature, top_p=config.top_p,
                               max_new_tokens=config.max_new_tokens, seed=config.seed)
-    chunk = max(1, config.batch_size // config.n) * 4  # a few engine batches per store flush
-    bar = tqdm(total=len(todo), desc=f"eval {arm}", unit="problem", dynamic_ncols=True)
-    correct = total = 0
     try:
-        for start in range(0, len(todo), chunk):
-            batch = todo[start:start + chunk]
-            prompts = [render_prompt(tokenizer, task.messages(p)) for p in batch]
-            outputs = engine.generate(prompts, params)
-            if arm == "budget_forcing":
-                rows = force_budget(engine, tokenizer, prompts, outputs, params,
-                                    config.forcing_phrase)
-            else:
-                rows = [[{"text": c.text, "new_tokens": c.new_tokens,
-                          "finish_reason": c.finish_reason} for c in row] for row in outputs]
-            records = _records(task, batch, rows, arm)
-            store.append(records)
-            correct += sum(r["correct"] for r in records)
-            total += len(records)
-            bar.update(len(batch))
-            bar.set_postfix(acc=f"{correct / total:.3f}")
+        sample_problems(engine, task, problems, prompts, params, store, config.n,
+                        config.batch_size, desc=f"eval {arm}", progress=config.progress)
     finally:
-        bar.close()
         engine.close()
 
 
