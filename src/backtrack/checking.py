@@ -36,8 +36,8 @@ _NUMBER_RE = re.compile(
     r"(?<![\w.,/])(?P<sign>[-−])?[ ]?" + _CURRENCY + r"?[ ]?(?P<sign2>-)?"
     r"(?:(?P<latex>\\[dt]?frac\s*\{\s*(?P<ln>-?\d+(?:\.\d+)?)\s*\}\s*\{\s*(?P<ld>\d+(?:\.\d+)?)\s*\})"
     r"|(?P<time>\d{1,2}:\d{2})(?![\d:])"
-    r"|(?P<num>\d{1,3}(?:,\d{3})+(?![\d])(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
-    r"(?:[ ]?/[ ]?(?P<den>\d+(?:\.\d+)?)(?![\d,/]))?)"
+    r"|(?P<num>\d{1,3}(?:(?:,|\{,\}|\\,)\d{3})+(?![\d])(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
+    r"(?:[ ]?/[ ]?(?P<den>\d+(?:\.\d+)?)(?![\d,/]))?)(?!\d|st\b|nd\b|rd\b|th\b)"
     r"(?P<pct>[ ]?(?:\\?%|percent\b))?"
     r"(?P<mult>[ ](?:thousand|million|billion)\b)?",
     re.IGNORECASE,
@@ -99,7 +99,7 @@ def _fraction(match: re.Match) -> Fraction | None:
             return None
         num, den = Fraction(int(hours)), Fraction(1)
     else:
-        num = Fraction(match.group("num").replace(",", ""))
+        num = Fraction(re.sub(r"[^\d.]", "", match.group("num")))
         den = Fraction(match.group("den")) if match.group("den") else Fraction(1)
     if den == 0:
         return None
@@ -268,8 +268,10 @@ def _marker_candidates(text: str) -> list[_Found]:
 
 
 def _prose_candidate(text: str, floor: int = 0) -> _Found | None:
-    """The last number in `text[floor:]` that is not a step number or list marker."""
-    last = None
+    """The answer of prose without a statement: in the last sentence that holds a number, the
+    number after its last "=" ("... 10 x 5 = 50 miles for 5 days."), else its last number.
+    Step numbers, list markers and ordinals ("the 3rd day") are skipped."""
+    numbers = []
     for match in _NUMBER_RE.finditer(text, floor):
         before = text[max(0, match.start() - 12): match.start()]
         if _STEP_RE.search(before.rstrip()):
@@ -277,11 +279,16 @@ def _prose_candidate(text: str, floor: int = 0) -> _Found | None:
         line_start = text.rfind("\n", 0, match.start()) + 1
         if not text[line_start:match.start()].strip() and _LIST_ITEM_RE.match(text, match.end()):
             continue
-        last = match
-    if last is None:
+        numbers.append(match)
+    if not numbers:
         return None
-    surface = last.group(0).strip().lstrip("$").strip()
-    return _Found(surface, _sentence_start(text, last.start(), floor), last.end())
+    sentence = _sentence_start(text, numbers[-1].start(), floor)
+    chosen = numbers[-1]
+    equals = text.rfind("=", sentence, chosen.start())
+    if equals >= 0:
+        chosen = next(m for m in numbers if m.start() > equals)
+    surface = chosen.group(0).strip().lstrip("$").strip()
+    return _Found(surface, sentence, chosen.end())
 
 
 def _find_final(text: str) -> _Found | None:
@@ -367,8 +374,15 @@ def answers_match(extracted: str | None, gold: str) -> bool:
         pred = (value, False) if value is not None else None
     gold_value = _parse_number(gold)
     if pred is not None and gold_value is not None:
-        # "25%" is right for a gold of 25 (GSM8K's percent questions) and of 0.25.
-        return pred[0] == gold_value[0] or (pred[1] and pred[0] / 100 == gold_value[0])
+        # "25%" is right for a gold of 25 (GSM8K's percent questions) and of 0.25;
+        # "$4 million" is right for a gold of 4 (in millions) and of 4000000.
+        options = {pred[0]}
+        plain = _parse_number(re.sub(r"(?i)\s(?:thousand|million|billion)\b", "", extracted))
+        if plain is not None:
+            options.add(plain[0])
+        if pred[1]:
+            options |= {value / 100 for value in options}
+        return gold_value[0] in options
     if normalize_answer(extracted) == normalize_answer(gold):
         return True
     if gold_value is None and "\\" in gold:
