@@ -148,5 +148,5 @@ def load_model(path: str, dtype=None, trust_remote_code: bool = False):
         kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # missing files, a config without model_type
         raise UserError(f"model '{path}': cannot load ({str(exc).splitlines()[0]})") from exc

@@ -22,7 +22,7 @@ def read_rows(path: str | Path) -> list[tuple[str, dict]]:
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" or text.lstrip().startswith("["):
+    if path.suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -38,7 +38,7 @@ def read_rows(path: str | Path) -> list[tuple[str, dict]]:
             try:
                 rows.append((f"line {number}", json.loads(line)))
             except json.JSONDecodeError as exc:
-                raise UserError(f"{path}: {where}: malformed JSON ({exc.msg})") from exc
+                raise UserError(f"{path}: line {number}: malformed JSON ({exc.msg})") from exc
     for where, row in rows:
         if not isinstance(row, dict):
             raise UserError(f"{path}: {where}: expected a JSON object")
