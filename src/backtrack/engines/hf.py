@@ -25,14 +25,19 @@ def load_model_and_tokenizer(model_path: str, device: str, dtype: str | None):
 
 
 class HFEngine(Engine):
-    """`batch_size` is the number of sequences decoded together (prompts x n)."""
+    """`batch_size` is the number of sequences decoded together (prompts x n); `num_threads`
+    sets torch's CPU threads (1 is often fastest for small models on a busy machine)."""
 
     def __init__(self, model_path: str, device: str | None = None, dtype: str | None = None,
-                 batch_size: int = 64, share_prefill: bool = True, model=None, tokenizer=None):
+                 batch_size: int = 64, share_prefill: bool = True, num_threads: int | None = None,
+                 model=None, tokenizer=None):
         import torch
         from transformers import GenerationConfig
 
         from backtrack.chat import end_of_turn_ids
+
+        if num_threads:
+            torch.set_num_threads(int(num_threads))
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if model is None or tokenizer is None:
@@ -55,7 +60,7 @@ class HFEngine(Engine):
     def generate(self, prompts: list[str], params: GenerationParams) -> list[list[Completion]]:
         params.validate()
         encoded = [self.encode(p) for p in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+        order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), prompts[i]))
         per_batch = max(1, self.batch_size // params.n)
         results: list[list[Completion]] = [[] for _ in prompts]
         for start in range(0, len(order), per_batch):
@@ -82,6 +87,8 @@ class HFEngine(Engine):
             eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
         if params.temperature > 0:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+        if self.pad_id not in self._eos_set:  # padding is not text; it also marks finished rows
+            kwargs["suppress_tokens"] = [self.pad_id]
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         torch.manual_seed(seed)

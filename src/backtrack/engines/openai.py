@@ -34,30 +34,32 @@ def completion_body(model: str, prompt: str, params: GenerationParams,
     return body
 
 
-def split_tokens(total: int, texts: list[str]) -> list[int]:
-    """Per-choice token counts from the response total, in proportion to text length.
+def split_tokens(total: int, choices: list[dict], max_tokens: int) -> list[int]:
+    """Per-choice token counts from the response's total over its n choices.
 
-    The completions API reports only the total over the n choices; it is exact when n = 1.
+    A choice cut by the length limit used exactly `max_tokens`; the rest of the total is
+    shared among the others in proportion to their text length (exact when n = 1).
     """
-    if len(texts) == 1:
-        return [total]
-    weights = [max(len(t), 1) for t in texts]
-    counts = [total * w // sum(weights) for w in weights]
-    for i in range(total - sum(counts)):
-        counts[i % len(counts)] += 1
+    counts = [max_tokens if c.get("finish_reason") == "length" else 0 for c in choices]
+    others = [i for i, c in enumerate(choices) if c.get("finish_reason") != "length"]
+    rest = max(total - sum(counts), 0)
+    weights = {i: max(len(choices[i].get("text") or ""), 1) for i in others}
+    for i in others:
+        counts[i] = rest * weights[i] // sum(weights.values())
+    for j in range(rest - sum(counts[i] for i in others) if others else 0):
+        counts[others[j % len(others)]] += 1
     return counts
 
 
-def parse_response(data: dict, n: int) -> list[Completion]:
+def parse_response(data: dict, n: int, max_tokens: int) -> list[Completion]:
     choices = sorted(data.get("choices") or [], key=lambda c: c.get("index", 0))
     if len(choices) != n:
         raise UserError(f"openai engine: server returned {len(choices)} choices, expected {n}")
-    texts = [c.get("text") or "" for c in choices]
     total = (data.get("usage") or {}).get("completion_tokens")
-    counts = split_tokens(int(total), texts) if total is not None else [0] * n
-    return [Completion(text=t, new_tokens=k,
+    counts = split_tokens(int(total), choices, max_tokens) if total is not None else [0] * n
+    return [Completion(text=c.get("text") or "", new_tokens=k,
                        finish_reason="length" if c.get("finish_reason") == "length" else "stop")
-            for t, k, c in zip(texts, counts, choices)]
+            for k, c in zip(counts, choices)]
 
 
 class OpenAIEngine(Engine):
@@ -116,7 +118,8 @@ class OpenAIEngine(Engine):
 
     def _complete(self, prompt: str, params: GenerationParams) -> list[Completion]:
         body = completion_body(self.model, prompt, params, self.extra_body)
-        return parse_response(self._request("POST", "/completions", body), params.n)
+        return parse_response(self._request("POST", "/completions", body), params.n,
+                              params.max_new_tokens)
 
     def generate(self, prompts: list[str], params: GenerationParams) -> list[list[Completion]]:
         params.validate()
