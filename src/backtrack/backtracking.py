@@ -1,16 +1,268 @@
-"""Placeholder: the stage is being written."""
+"""`backtrack backtrack`: send each wrong sample back with a phrase in place of `</think>`.
+
+Step 2 of the method. A wrong trace is cut where the model ended its reasoning (at the last
+`</think>`; with no tag, just before the final answer; if generation was truncated, after the
+last complete line), a phrase such as "Wait, that's not right..." is appended, and the model
+continues from exactly that text. The continuation is checked; a still-wrong one can be cut and
+sent back again, up to `rounds` times. Each record keeps the whole chain of rounds.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
-from backtrack.config import CommonConfig
+from backtrack.config import CommonConfig, option
+from backtrack.engines import ENGINES, GenerationParams, derive_seed
+from backtrack.errors import UserError
+
+PRESETS = {"mild": "Wait, that's not right...", "strong": "Wait, that's definitely wrong..."}
+THINK_CLOSE = "</think>"
+BACKTRACK_KEY = ("problem_id", "sample_idx", "continuation_idx")
+_PRESET_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
 
 
 @dataclass
 class BacktrackConfig(CommonConfig):
-    """Not implemented yet."""
+    """Cut wrong samples, append a phrase, continue, and check the continuation."""
+
+    phrase: list = option(["mild"], "Phrase preset (mild, strong) or custom text; a list is "
+                          "spread over traces by a stable hash. A lowercase word names a preset.")
+    rounds: int = option(1, "Times a still-wrong continuation is cut and sent back (R).")
+    continuations: int = option(1, "Continuations per wrong sample (m).")
+    temperature: float = option(0.8, "Sampling temperature of continuations.")
+    top_p: float = option(1.0, "Nucleus sampling threshold.")
+    max_new_tokens: int = option(256, "Maximum new tokens per continuation.")
+    batch_size: int = option(16, "Wrong samples per engine call; records are saved after each.")
+    engine: str = option("hf", "Generation engine.", choices=ENGINES)
+    engine_args: dict = option({}, "Engine options (see `backtrack sample --help`).")
+    shard: str = option("0/1", "i/N: this process handles shard i of N of the problems.")
+    progress: bool = option(True, "Show a progress bar.")
+
+    def validate(self) -> None:
+        from backtrack.store import parse_shard
+
+        parse_shard(self.shard)
+        resolve_phrases(self.phrase)
+        if self.rounds < 1 or self.continuations < 1 or self.batch_size < 1:
+            raise UserError("options 'rounds', 'continuations' and 'batch_size' must be >= 1")
+        GenerationParams(n=self.continuations, temperature=self.temperature, top_p=self.top_p,
+                         max_new_tokens=self.max_new_tokens).validate()
 
 
-def main(config: BacktrackConfig) -> None:
-    raise NotImplementedError("backtracking")
+# ------------------------------------------------------------------ cutting and phrases
+
+
+def resolve_phrases(spec: list | str) -> list[str]:
+    """Preset names replaced by their text; custom phrases kept as written."""
+    items = [spec] if isinstance(spec, str) else list(spec)
+    if not items:
+        raise UserError("option 'phrase': give a preset (mild, strong) or a phrase")
+    phrases = []
+    for item in items:
+        item = str(item)
+        if _PRESET_NAME.match(item):
+            if item not in PRESETS:
+                raise UserError(f"option 'phrase': unknown preset '{item}' (presets: "
+                                f"{', '.join(PRESETS)}; custom phrases are any other text)")
+            item = PRESETS[item]
+        if not item.strip():
+            raise UserError("option 'phrase': a phrase must not be empty")
+        phrases.append(item)
+    return phrases
+
+
+def cut_point(text: str, finish_reason: str) -> int:
+    """Where a wrong trace is cut: before its last `</think>`; else, if generation was
+    truncated, after its last complete line; else before the final answer statement (at the end
+    when there is none). Spaces before a tag or answer go with the cut-off part, so the kept
+    text ends where a token ends and the phrase starts a fresh token."""
+    close = text.rfind(THINK_CLOSE)
+    if close < 0 and finish_reason == "length":
+        return text.rfind("\n") + 1
+    if close >= 0:
+        cut = close
+    else:
+        from backtrack.checking import final_answer_span
+
+        span = final_answer_span(text)
+        cut = span[0] if span else len(text)
+    while cut > 0 and text[cut - 1] in " \t":
+        cut -= 1
+    return cut
+
+
+def insertion(prefix: str, phrase: str) -> str:
+    """The text inserted after the cut: the phrase, on a new line unless the prefix already
+    ends in whitespace (or is empty), so it reads as the model's next thought."""
+    return phrase if not prefix or prefix[-1].isspace() else "\n" + phrase
+
+
+def choose_phrase(phrases: list[str], problem_id: str, sample_idx: int,
+                  continuation_idx: int, round_: int) -> str:
+    """A phrase per (trace, round), fixed across runs and shards."""
+    if len(phrases) == 1:
+        return phrases[0]
+    return phrases[derive_seed(0, problem_id, sample_idx, continuation_idx, round_) % len(phrases)]
+
+
+# ------------------------------------------------------------------ chains
+
+
+@dataclass
+class Chain:
+    """One wrong sample being sent back, round after round."""
+
+    source: dict  # the wrong sample record
+    continuation_idx: int
+    steps: list[dict]
+    text: str  # the whole assistant text so far
+    finish_reason: str
+
+    @classmethod
+    def start(cls, record: dict, continuation_idx: int) -> Chain:
+        first = {"round": 0, "prefix": "", "phrase": "", "completion": record["completion"],
+                 "extracted": record["extracted"], "correct": record["correct"],
+                 "new_tokens": record["new_tokens"], "finish_reason": record["finish_reason"]}
+        return cls(record, continuation_idx, [first], record["completion"],
+                   record["finish_reason"])
+
+    def key(self) -> tuple:
+        return (self.source["problem_id"], self.source["sample_idx"], self.continuation_idx)
+
+    def record(self) -> dict:
+        steps = self.steps
+        return {"problem_id": self.source["problem_id"], "sample_idx": self.source["sample_idx"],
+                "continuation_idx": self.continuation_idx, "round": len(steps) - 1,
+                "prompt": self.source["prompt"], "phrase": steps[1]["phrase"].lstrip("\n"),
+                "answer": self.source["answer"], "chain": steps,
+                "final_correct": bool(steps[-1]["correct"]), "completion": self.text}
+
+
+def backtrack_round(engine, task, chains: list[Chain], phrases: list[str], round_: int,
+                    params: GenerationParams, stats) -> None:
+    """Cut every still-wrong chain, append its phrase, continue and check (in place).
+
+    Identical continuation prompts (e.g. the m continuations of one trace) go to the engine as
+    one prompt with n samples, so they share its prefill.
+    """
+    from backtrack.sample import timed_generate
+
+    requests: dict[str, list] = {}
+    for chain in chains:
+        prefix = chain.text[:cut_point(chain.text, chain.finish_reason)]
+        phrase = choose_phrase(phrases, *chain.key(), round_)
+        inserted = insertion(prefix, phrase)
+        # The sample's own prompt + its text: render_continuation semantics without re-rendering.
+        prompt = chain.source["prompt"] + prefix + inserted
+        requests.setdefault(prompt, []).append((chain, prefix, inserted))
+    by_count: dict[int, list[str]] = {}
+    for prompt, members in requests.items():
+        by_count.setdefault(len(members), []).append(prompt)
+    seed = derive_seed(params.seed, "backtrack", round_)
+    for n, prompts in sorted(by_count.items()):
+        outputs = timed_generate(engine, prompts, dataclasses.replace(params, n=n, seed=seed),
+                                 stats)
+        for prompt, completions in zip(prompts, outputs):
+            for (chain, prefix, inserted), completion in zip(requests[prompt], completions):
+                text = prefix + inserted + completion.text
+                check = task.check(text, chain.source["answer"])
+                chain.steps.append({
+                    "round": round_, "prefix": prefix, "phrase": inserted,
+                    "completion": completion.text, "extracted": check.extracted,
+                    "correct": bool(check.correct), "new_tokens": completion.new_tokens,
+                    "finish_reason": completion.finish_reason})
+                chain.text, chain.finish_reason = text, completion.finish_reason
+                stats.new_tokens += completion.new_tokens
+
+
+def run_chains(engine, task, chains: list[Chain], phrases: list[str], rounds: int,
+               params: GenerationParams, stats) -> None:
+    for round_ in range(1, rounds + 1):
+        active = [c for c in chains if not c.steps[-1]["correct"]]
+        if not active:
+            break
+        backtrack_round(engine, task, active, phrases, round_, params, stats)
+
+
+# ------------------------------------------------------------------ stage
+
+
+def backtrack_fingerprint(config: BacktrackConfig, samples_fingerprint) -> dict:
+    """Fields that change what a record holds (not m, batching, engine or shard)."""
+    return {"stage": "backtrack", "model": config.model, "task": config.task,
+            "task_args": config.task_args, "seed": config.seed,
+            "phrases": resolve_phrases(config.phrase), "rounds": config.rounds,
+            "temperature": config.temperature, "top_p": config.top_p,
+            "max_new_tokens": config.max_new_tokens, "samples": samples_fingerprint}
+
+
+def summarize_backtrack(records: list[dict], wrong_samples: int) -> dict:
+    """Wrong samples, continuations and the wrong->right rate of each round."""
+    per_round = []
+    max_round = max((r["round"] for r in records), default=0)
+    for round_ in range(1, max_round + 1):
+        tried = [r for r in records if r["round"] >= round_]
+        right = sum(bool(r["chain"][round_]["correct"]) for r in tried)
+        per_round.append({"round": round_, "continuations": len(tried), "right": right,
+                          "wrong_to_right": round(right / len(tried), 4) if tried else 0.0})
+    final = sum(r["final_correct"] for r in records)
+    return {"wrong_samples": wrong_samples,
+            "traces_sent_back": len({(r["problem_id"], r["sample_idx"]) for r in records}),
+            "continuations": len(records), "final_correct": final,
+            "wrong_to_right": round(final / len(records), 4) if records else 0.0,
+            "rounds": per_round}
+
+
+def main(config: BacktrackConfig) -> dict:
+    from backtrack.models import resolve_model_path
+    from backtrack.runinfo import write_run_info
+    from backtrack.sample import RunStats, open_engine, progress_bar, write_json
+    from backtrack.store import RecordStore, parse_shard, shard_of
+    from backtrack.tasks import get_task
+
+    samples_dir = Path(config.output_dir) / "samples"
+    out_dir = Path(config.output_dir) / "backtrack"
+    samples = RecordStore.read(samples_dir)
+    index, count = parse_shard(config.shard)
+    all_wrong = [r for r in samples.records() if r.get("round", 0) == 0 and not r["correct"]]
+    wrong = [r for r in all_wrong if shard_of(r["problem_id"], count) == index]
+    task = get_task(config.task, config.task_args)
+    model_path = resolve_model_path(config.model, config.output_dir)
+    phrases = resolve_phrases(config.phrase)
+    store = RecordStore(out_dir, backtrack_fingerprint(config, samples.fingerprint),
+                        shard=config.shard, key_fields=BACKTRACK_KEY)
+    write_run_info(out_dir, config, "backtrack", inputs=[samples_dir],
+                   extra={"model_path": model_path})
+    done = store.done_keys()
+    # Chunks are fixed slices of the wrong samples, so a resumed chunk is the same batch.
+    chunks = [[c for r in wrong[i:i + config.batch_size] for c in
+               (Chain.start(r, j) for j in range(config.continuations)) if c.key() not in done]
+              for i in range(0, len(wrong), config.batch_size)]
+    chunks = [chunk for chunk in chunks if chunk]
+    params = GenerationParams(n=1, temperature=config.temperature, top_p=config.top_p,
+                              max_new_tokens=config.max_new_tokens, seed=config.seed)
+    engine = open_engine(config, model_path) if chunks else None
+    stats = RunStats()
+    try:
+        with progress_bar(sum(map(len, chunks)), "backtrack", config.progress) as bar:
+            for chunk in chunks:
+                run_chains(engine, task, chunk, phrases, config.rounds, params, stats)
+                store.append([c.record() for c in chunk])
+                stats.samples += len(chunk)
+                stats.correct += sum(c.steps[-1]["correct"] for c in chunk)
+                bar.update(len(chunk))
+                bar.set_postfix(stats.postfix(), refresh=False)
+    finally:
+        if engine is not None:
+            engine.close()
+        store.close()
+    summary = {**summarize_backtrack(store.records(), len(all_wrong)), "this_run": stats.as_dict()}
+    write_json(out_dir / "summary.json", summary)
+    rates = ", ".join(f"round {r['round']}: {r['wrong_to_right']:.3f}" for r in summary["rounds"])
+    print(f"backtrack: {summary['wrong_samples']} wrong samples, {summary['continuations']} "
+          f"continuations, wrong->right {summary['wrong_to_right']:.3f} ({rates or 'none'}) "
+          f"-> {out_dir}")
+    return summary
