@@ -156,19 +156,6 @@ def open_engine(config, model_path: str):
     return make_engine(config.engine, model_path, **dict(config.engine_args))
 
 
-def prepare(config, split: str, limit: int | None):
-    """Task, resolved model path, tokenizer and this shard's problems."""
-    from backtrack.models import load_tokenizer, resolve_model_path
-    from backtrack.store import select_shard
-    from backtrack.tasks import get_task
-
-    task = get_task(config.task, config.task_args)
-    model_path = resolve_model_path(config.model, config.output_dir)
-    tokenizer = load_tokenizer(model_path)
-    problems = select_shard(task.problems(split, limit), config.shard)
-    return task, model_path, tokenizer, problems
-
-
 def sample_fingerprint(config: SampleConfig) -> dict:
     """Fields that change what a record holds (not limit, k, batching, engine or shard)."""
     return {"stage": "sample", "model": config.model, "task": config.task,
@@ -179,13 +166,18 @@ def sample_fingerprint(config: SampleConfig) -> dict:
 
 def main(config: SampleConfig) -> dict:
     from backtrack.chat import render_prompt
+    from backtrack.models import load_tokenizer, resolve_model_path
     from backtrack.runinfo import write_run_info
-    from backtrack.store import RecordStore
+    from backtrack.store import RecordStore, select_shard
+    from backtrack.tasks import get_task
 
     out_dir = Path(config.output_dir) / "samples"
-    task, model_path, tokenizer, problems = prepare(config, config.split, config.limit)
+    task = get_task(config.task, config.task_args)
+    model_path = resolve_model_path(config.model, config.output_dir)
     store = RecordStore(out_dir, sample_fingerprint(config), shard=config.shard)
     write_run_info(out_dir, config, "sample", extra={"model_path": model_path})
+    problems = select_shard(task.problems(config.split, config.limit), config.shard)
+    tokenizer = load_tokenizer(model_path)
     prompts = {p.id: render_prompt(tokenizer, task.messages(p)) for p in problems}
     params = GenerationParams(n=config.k, temperature=config.temperature, top_p=config.top_p,
                               max_new_tokens=config.max_new_tokens, seed=config.seed)
