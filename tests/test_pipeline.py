@@ -1,0 +1,116 @@
+"""`backtrack run` end to end on a tiny toy world, then a re-run that skips every stage."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import yaml
+
+from backtrack import pipeline
+from backtrack.config import load_config, read_recipe
+from conftest import BACKTRACK_CMD
+
+TINY = {
+    "task": "arith",
+    "task_args": {"steps": 1, "max_start": 5, "max_operand": 5, "ops": "+", "test_size": 8,
+                  "train_size": 32},
+    "model": "toy",
+    "output_dir": "runs/never-used",  # overridden on the command line
+    "toy_base": {"layers": 1, "hidden": 48, "heads": 2, "intermediate": 96, "vocab_size": 200,
+                 "steps": 150, "batch_size": 32, "lr": 0.01, "warmup_steps": 10,
+                 "eval_problems": 0, "correction_rate": 0.2},
+    "sample": {"k": 2, "limit": 32, "max_new_tokens": 40, "progress": False},
+    "backtrack": {"max_new_tokens": 32, "progress": False},
+    "train": {"max_steps": 2, "per_device_batch_size": 8, "learning_rate": 0.001,
+              "save_steps": 100, "logging_steps": 1},
+    "eval": {"n": 2, "limit": 4, "max_new_tokens": 40, "n_boot": 100, "progress": False},
+    "report": {"n_boot": 200},
+}
+STEPS = ["toy_base", "sample", "backtrack", "build", "train_rft", "train_rft_bt", "eval_base",
+         "eval_rft", "eval_rft_bt", "eval_budget_forcing", "report"]
+
+
+def _run(recipe, out, env, *extra):
+    return subprocess.run([*BACKTRACK_CMD, "run", "--config", str(recipe), "--output-dir",
+                           str(out), *extra], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_run_end_to_end_then_resume_skips_everything(tmp_path, cli_env):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "run"
+    cli_env["BACKTRACK_CACHE"] = str(tmp_path / "cache")
+    first = _run(recipe, out, cli_env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    for step in STEPS:
+        assert f"[run] {step}: done in" in first.stdout, step
+    assert f"report: {out / 'report' / 'report.md'}" in first.stdout
+    results = json.loads((out / "report" / "results.json").read_text())
+    assert set(results["arms"]) == {"base", "rft", "rft_bt", "budget_forcing"}
+    assert results["arms"]["rft"]["samples"] == 8  # 4 problems x 2 samples
+    text = (out / "report" / "report.md").read_text()
+    assert all(f"| {arm} |" in text for arm in results["arms"])
+    timings = json.loads((out / "timings.json").read_text())
+    assert [k for k in timings if k != "total"] == STEPS
+    run_info = json.loads((out / "run.json").read_text())
+    assert run_info["steps"]["sample"]["output_dir"] == str(out)  # CLI override reached stages
+
+    second = _run(recipe, out, cli_env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    for step in STEPS:
+        assert f"[run] {step}: skipped (done)" in second.stdout, step
+
+    # A changed eval option re-runs only the eval steps and the report.
+    TINY["eval"]["temperature"] = 0.5
+    recipe.write_text(yaml.safe_dump(TINY))
+    third = _run(recipe, out, cli_env, "--stages", "[eval, report]")
+    TINY["eval"].pop("temperature")
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "[run] train_rft: skipped (done)" in third.stdout
+    assert "[run] eval_base: done in" in third.stdout and "[run] report: done in" in third.stdout
+    assert list((out / "run" / "stale").glob("*/eval_base-base"))
+
+
+def test_shared_cli_overrides_apply_to_every_stage(tmp_path):
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(yaml.safe_dump({**TINY, "seed": 3, "eval": {"seed": 9, "n": 2}}))
+    config = load_config(pipeline.RunConfig, recipe_path, "run",  # as the CLI does
+                         {"recipe": str(recipe_path), "output_dir": str(tmp_path / "o"), "seed": 3})
+    effective, recipe, source, shared = pipeline.effective_config(config)
+    assert shared == {"output_dir": str(tmp_path / "o")}  # seed equals the recipe's: no override
+    steps = {s.name: s for s in pipeline.plan(effective, recipe, source, shared)}
+    assert steps["eval_base"].config.seed == 9  # a stage section still wins over the top level
+    assert steps["sample"].config.seed == 3
+    assert all(s.config.output_dir == str(tmp_path / "o") for s in steps.values())
+    assert steps["train_rft"].config.arm == "rft" and steps["eval_rft_bt"].config.arms == ["rft_bt"]
+
+    config = load_config(pipeline.RunConfig, recipe_path, "run",
+                         {"recipe": str(recipe_path), "seed": 5})
+    effective, recipe, source, shared = pipeline.effective_config(config)
+    steps = {s.name: s for s in pipeline.plan(effective, recipe, source, shared)}
+    assert steps["eval_base"].config.seed == 5 and steps["sample"].config.seed == 5
+
+
+def test_step_hash_follows_config_and_upstream():
+    a = pipeline.RunConfig(seed=1)
+    assert pipeline.config_hash(a, ["x"]) == pipeline.config_hash(pipeline.RunConfig(seed=1), ["x"])
+    assert pipeline.config_hash(a, ["x"]) != pipeline.config_hash(a, ["y"])
+    assert pipeline.config_hash(a, ["x"]) != pipeline.config_hash(pipeline.RunConfig(seed=2), ["x"])
+
+
+@pytest.mark.parametrize("name", ["toy.yaml", "gsm8k-smollm2-cpu.yaml",
+                                  "gsm8k-llama3.2-1b-instruct.yaml",
+                                  "gsm8k-qwen2.5-1.5b-instruct.yaml"])
+def test_recipes_resolve_for_every_stage(name):
+    path = pipeline.EMBEDDED_RECIPE.parent / name
+    config = load_config(pipeline.RunConfig, path, "run", {"recipe": str(path)})
+    effective, recipe, source, shared = pipeline.effective_config(config)
+    assert read_recipe(path) == recipe and not shared
+    steps = pipeline.plan(effective, recipe, source, shared)
+    assert [s.name for s in steps][-1] == "report"
+    assert len({s.config.output_dir for s in steps}) == 1
