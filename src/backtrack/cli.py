@@ -36,7 +36,7 @@ STAGES = [
      "Sample n answers per test problem for each arm; pass@k, maj@k, self-correction stats."),
     ("report", "backtrack.report", "ReportConfig", "report",
      "Write report.md, plots and results.json from the evaluation outputs."),
-    ("run", "backtrack.pipeline", "RunConfig", None,
+    ("run", "backtrack.pipeline", "RunConfig", "run",
      "The whole experiment: toy base, sample, backtrack, build, train, eval, report."),
     ("check", "backtrack.check", "CheckConfig", None,
      "Score completions in a JSONL file against gold answers."),
@@ -73,6 +73,8 @@ def _make_command(module_name: str, class_name: str, section: str | None):
     def command(**kwargs):
         recipe = kwargs.pop("config")
         overrides = {k: v for k, v in kwargs.items() if v is not None}
+        if recipe is not None and "recipe" in hints:  # `run` resolves each stage from it
+            overrides.setdefault("recipe", str(recipe))
         config = load_config(config_cls, recipe, section, overrides)
         module.main(config)
 
