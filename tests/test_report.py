@@ -78,3 +78,15 @@ def test_load_loss_accepts_log_history_and_lists(tmp_path):
     assert report.load_loss(path) == ([1.0, 2.0], [3.0, 2.0])
     path.write_text(json.dumps([[1, 0.5]]))
     assert report.load_loss(path) == ([1.0], [0.5])
+
+
+def test_verdict_says_plainly_whether_rft_bt_beats_rft():
+    row = {"arm": "rft_bt", "reference": "rft", "metric": "pass@1", "diff": 0.1,
+           "significant": True}
+    assert "It beats it: significantly better on pass@1" in report.verdict([row])
+    flat = {**row, "metric": "pass@16", "diff": 0.01, "significant": False}
+    assert "does not clearly beat it: no significant difference on pass@16" in \
+        report.verdict([flat])
+    worse = {**row, "diff": -0.1}
+    assert "does not clearly beat" in report.verdict([worse, flat])
+    assert "not both evaluated" in report.verdict([])

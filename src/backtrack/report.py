@@ -23,6 +23,8 @@ from backtrack.errors import UserError
 from backtrack.metrics import paired_bootstrap
 
 DEFAULT_ARMS = ["base", "rft", "rft_bt", "budget_forcing"]
+DATA_FILES = {"sample": "samples/summary.json", "backtrack": "backtrack/summary.json",
+              "sft": "sft/stats.json"}
 COMPARISONS = [("rft_bt", "rft"), ("rft", "base"), ("rft_bt", "base"), ("budget_forcing", "base")]
 SELF_CORRECTION = [
     ("backtracks_per_answer", "backtracks/answer", False),
@@ -121,6 +123,24 @@ def comparison_sentence(c: dict) -> str:
             f"paired bootstrap over {c['problems']} problems): {verdict}.")
 
 
+def verdict(comparisons: list[dict], arm: str = "rft_bt", reference: str = "rft") -> str:
+    """One plain sentence: does the backtracking arm beat plain RFT, and on what."""
+    rows = [c for c in comparisons if c["arm"] == arm and c["reference"] == reference]
+    if not rows:
+        return f"**{arm} vs {reference}:** not both evaluated."
+    better = [c["metric"] for c in rows if c["significant"] and c["diff"] > 0]
+    worse = [c["metric"] for c in rows if c["significant"] and c["diff"] < 0]
+    parts = []
+    if better:
+        parts.append(f"significantly better on {', '.join(better)}")
+    if worse:
+        parts.append(f"significantly worse on {', '.join(worse)}")
+    if not parts:
+        parts.append(f"no significant difference on {', '.join(c['metric'] for c in rows)}")
+    beats = "beats" if better and not worse else "does not clearly beat"
+    return f"**Does {arm} beat {reference}?** It {beats} it: {'; '.join(parts)}."
+
+
 def _cell(m: dict | None, percent: bool) -> str:
     if not m or m["value"] is None or (isinstance(m["value"], float) and math.isnan(m["value"])):
         return "–"
@@ -136,6 +156,31 @@ def _table(arms: dict[str, dict], columns: list[tuple[str, str, bool]]) -> list[
         cells = [_cell(data["metrics"].get(key), pct) for key, _, pct in columns]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _data_lines(data: dict) -> list[str]:
+    """The training data behind the arms: sampling accuracy, backtrack yield, SFT sizes."""
+    lines = []
+    sample, bt, sft = data.get("sample"), data.get("backtrack"), data.get("sft")
+    if sample:
+        lines.append(f"- sampling (train split): {sample.get('problems')} problems, "
+                     f"{sample.get('samples')} samples, accuracy {sample.get('accuracy')}")
+    if bt:
+        lines.append(f"- backtracking: {bt.get('continuations')} continuations of "
+                     f"{bt.get('wrong_samples')} wrong samples, {bt.get('final_correct')} "
+                     f"became right (wrong->right {bt.get('wrong_to_right')})")
+    for arm, stats in ((sft or {}).get("arms") or {}).items():
+        lines.append(f"- SFT arm {arm}: {stats.get('examples')} examples over "
+                     f"{stats.get('problems')} problems, backtracked share "
+                     f"{stats.get('backtracked_share')}")
+    return ["## Training data", "", *lines, ""] if lines else []
 
 
 def render_markdown(results: dict, plots: list[str]) -> str:
@@ -159,12 +204,12 @@ def render_markdown(results: dict, plots: list[str]) -> str:
         "## Comparisons", "",
         "Paired bootstrap over problems on the per-problem difference of the metric "
         "(two-sided; significant when the 95 % CI of the mean difference excludes 0).", "",
+        verdict(results["comparisons"]), "",
         *[comparison_sentence(c) for c in results["comparisons"]], "",
     ]
     if results.get("missing_arms"):
         lines += [f"Arms without evaluation output: {', '.join(results['missing_arms'])}.", ""]
-    if results.get("sft_stats"):
-        lines += ["## SFT data", "", "```json", json.dumps(results["sft_stats"], indent=2), "```", ""]
+    lines += _data_lines(results.get("data") or {})
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines)
 
@@ -248,7 +293,7 @@ def main(config: ReportConfig) -> Path:
     arms = _load_arms(output_dir, list(config.arms))
     losses = {arm: load_loss(output_dir / "models" / arm / "loss.json") for arm in config.arms}
     losses = {arm: curve for arm, curve in losses.items() if curve}
-    stats_path = output_dir / "sft" / "stats.json"
+    data = {name: _read_json(output_dir / path) for name, path in DATA_FILES.items()}
     results = {
         "task": config.task, "model": config.model, "output_dir": str(output_dir),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -257,7 +302,7 @@ def main(config: ReportConfig) -> Path:
         "missing_arms": [a for a in config.arms if a not in arms],
         "comparisons": compare(arms, list(config.compare_metrics), config.n_boot, config.seed),
         "training_loss": {arm: {"steps": s, "loss": v} for arm, (s, v) in losses.items()},
-        "sft_stats": json.loads(stats_path.read_text()) if stats_path.is_file() else None,
+        "data": {name: d for name, d in data.items() if d is not None},
     }
     target = output_dir / "report"
     tmp = output_dir / f".report.tmp-{os.getpid()}"
