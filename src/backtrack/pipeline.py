@@ -181,6 +181,17 @@ def step_outputs(step: Step, output_dir: Path) -> list[Path]:
     return [output_dir / folder]
 
 
+def outputs_exist(step: Step, output_dir: Path) -> bool:
+    """Whether a step's outputs are still there (a cleaned cache or folder means re-run)."""
+    if step.stage == "toy_base":
+        info = _read_marker(output_dir / "toy_base" / "run.json") or {}
+        return (Path(info.get("model_dir", "/nonexistent")) / "config.json").is_file()
+    folders = step_outputs(step, output_dir)
+    if step.stage == "train":
+        folders = folders[:1]  # checkpoints are optional
+    return all(folder.exists() for folder in folders)
+
+
 def _prepare(step: Step, marker: dict | None, changed: bool, output_dir: Path) -> Any:
     """Before a (re-)run: set aside outputs of an older config; resume interrupted training.
 
@@ -211,13 +222,14 @@ def run_steps(config: RunConfig, steps: list[Step]) -> dict:
         marker_path = _marker(output_dir, step.name)
         marker = _read_marker(marker_path)
         selected = step.stage in config.stages
-        done = marker is not None and marker.get("config_hash") == digest
+        done = (marker is not None and marker.get("config_hash") == digest
+                and outputs_exist(step, output_dir))
         if not selected or (done and not config.force):
             why = "done" if done else "not selected"
             print(f"[run] {step.name}: skipped ({why})", flush=True)
             timings[step.name] = {"status": "skipped", "seconds": 0.0}
             continue
-        changed = (marker is not None and not done) or config.force
+        changed = (marker is not None and marker.get("config_hash") != digest) or config.force
         if changed:
             print(f"[run] {step.name}: config changed or forced; running again")
         print(f"[run] {step.name}: running", flush=True)
@@ -249,9 +261,9 @@ def main(config: RunConfig) -> Path:
     write_run_info(output_dir, config, "run", inputs=[config.recipe] if config.recipe else [],
                    extra={"steps": {s.name: dataclasses.asdict(s.config) for s in steps},
                           "timings": timings})
-    print("[run] wall time per step: " + ", ".join(
-        f"{name} {_fmt(t['seconds'])}" for name, t in timings.items()
-        if t.get("status") == "ran"), flush=True)
+    ran = [f"{name} {_fmt(t['seconds'])}" for name, t in timings.items() if t.get("status") == "ran"]
+    print("[run] wall time per step: " + (", ".join(ran) or "nothing to do, every step was done"),
+          flush=True)
     report_md = output_dir / "report" / "report.md"
     print(f"[run] total {_fmt(total)}; report: {report_md}", flush=True)
     return report_md
