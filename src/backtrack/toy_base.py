@@ -1,16 +1,330 @@
-"""Placeholder: the stage is being written."""
+"""`backtrack toy-base`: train the toy world's tokenizer and tiny Llama from scratch, on CPU.
+
+The corpus is chat transcripts of the task's train problems (system, user, then the assistant's
+`<think>` steps `</think>` and "The answer is N."). A configurable share of transcripts holds a
+natural self-correction, as web text sometimes does (the "retry data" of Physics of LMs 2.2):
+- immediate: a wrong step, a retry phrase, the step done right, then the rest;
+- late: the solution runs on from a wrong step to its end, then a retry phrase where `</think>`
+  would be, then the solution redone from the first wrong step. This is the shape the method
+  creates when it puts "Wait, that's not right..." in place of `</think>`.
+Slips are off by a small amount (`6 + 12 = 15`), like the model's own arithmetic slips. Loss
+goes on the assistant turn only; by default not on the wrong steps, so the model learns to fix
+slips without learning to make them (its own slips come from its small capacity).
+
+The model is saved as a plain HF folder in `$BACKTRACK_CACHE/toy/<config-hash>/`, reused when
+present, and `<output_dir>/toy_base/run.json` records it as `model_dir`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from backtrack.config import CommonConfig
+from backtrack.config import CommonConfig, option
+from backtrack.errors import UserError
+
+log = logging.getLogger(__name__)
+
+RETRY_PHRASES = [
+    "Wait, that's not right...",
+    "Wait, that's not right.",
+    "Hmm, let me check that again.",
+    "Wait, let me redo that.",
+]
+# Fields that do not change the trained model (so not part of the cache key).
+NOT_HASHED = ("output_dir", "model", "max_minutes", "eval_problems", "threads")
 
 
 @dataclass
 class ToyBaseConfig(CommonConfig):
-    """Not implemented yet."""
+    """Train the toy tokenizer and a tiny Llama from scratch on rendered transcripts."""
+
+    layers: int = option(4, "Transformer layers.")
+    hidden: int = option(160, "Hidden size.")
+    heads: int = option(4, "Attention heads (key/value heads too).")
+    intermediate: int = option(432, "MLP inner size.")
+    vocab_size: int = option(512, "Tokenizer vocabulary size (digits are single tokens).")
+    steps: int = option(3000, "Optimizer steps (the training length; tune to the time budget).")
+    max_minutes: float = option(10.0, "Safety cap on training time; stops early if reached.")
+    batch_size: int = option(64, "Transcripts per optimizer step.")
+    lr: float = option(3e-3, "Peak learning rate (AdamW, warmup then cosine decay).")
+    warmup_steps: int = option(100, "Linear warmup steps.")
+    weight_decay: float = option(0.01, "AdamW weight decay.")
+    corpus_size: int = option(0, "Distinct transcripts in the corpus; 0 = steps x batch_size "
+                                 "(one pass, no repeats).")
+    correction_rate: float = option(0.05, "Share of transcripts with a self-correction (0-1).")
+    late_share: float = option(0.8, "Share of self-corrections of the late kind (0-1).")
+    retry_phrases: list = option(RETRY_PHRASES, "Retry phrases the corpus uses.")
+    max_slip: int = option(3, "Largest amount a wrong step is off by.")
+    loss_on_errors: bool = option(False, "Also train on wrong steps (teaches making slips).")
+    threads: int = option(0, "CPU threads for torch; 0 = all cores.")
+    eval_problems: int = option(64, "Test problems for the greedy accuracy logged at the end.")
+
+    def validate(self) -> None:
+        for name in ("correction_rate", "late_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UserError(f"toy_base.{name}: must be between 0 and 1")
+        for name in ("layers", "hidden", "heads", "intermediate", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"toy_base.{name}: must be at least 1")
+        if self.hidden % self.heads:
+            raise UserError("toy_base.hidden: must be a multiple of toy_base.heads")
+        if self.correction_rate > 0 and not self.retry_phrases:
+            raise UserError("toy_base.retry_phrases: needs at least one phrase")
 
 
-def main(config: ToyBaseConfig) -> None:
-    raise NotImplementedError("toy_base")
+def config_hash(config: ToyBaseConfig) -> str:
+    values = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_HASHED}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("BACKTRACK_CACHE", Path.home() / ".cache" / "backtrack"))
+
+
+# -- corpus ------------------------------------------------------------------------------------
+def _slip(value: int, rng: random.Random, max_slip: int) -> int:
+    """A plausible wrong result: off by a small nonzero amount, never negative."""
+    while True:
+        wrong = value + rng.choice([-1, 1]) * rng.randint(1, max(1, max_slip))
+        if wrong >= 0 and wrong != value:
+            return wrong
+
+
+def _run_on(start: int, ops, first: int) -> list[str] | None:
+    """Steps `first..` recomputed from a wrong `start`; None if a step becomes invalid."""
+    from backtrack.tasks.arith import apply_op
+
+    lines, x = [], start
+    for op, k in ops[first:]:
+        if (op == "/" and x % k) or (op == "-" and k >= x):
+            return None
+        y = apply_op(x, op, k)
+        lines.append(f"{x} {op} {k} = {y}")
+        x = y
+    return lines
+
+
+def assistant_segments(solution: str, answer: str, rng: random.Random,
+                       config: ToyBaseConfig) -> list[tuple[str, bool]]:
+    """The assistant turn as (text, is_error) pieces, with a self-correction at the set rate."""
+    from backtrack.tasks.arith import parse_step
+
+    lines = solution.splitlines()
+    steps = [parse_step(line) for line in lines]
+    body: list[tuple[str, bool]] = [(line + "\n", False) for line in lines]
+    if steps and all(steps) and rng.random() < config.correction_rate:
+        ops = [(op, b) for _a, op, b, _c in steps]
+        j = rng.randrange(len(steps))
+        a, op, b, c = steps[j]
+        phrase = rng.choice(config.retry_phrases) + "\n"
+        late = None
+        if rng.random() < config.late_share:
+            for _try in range(10):
+                wrong = _slip(c, rng, config.max_slip)
+                late = _run_on(wrong, ops, j + 1)
+                if late is not None:
+                    break
+        if late is not None:
+            wrong_run = [f"{a} {op} {b} = {wrong}\n"] + [line + "\n" for line in late]
+            body = (body[:j] + [("".join(wrong_run), True), (phrase, False)] + body[j:])
+        else:
+            wrong_line = f"{a} {op} {b} = {_slip(c, rng, config.max_slip)}\n"
+            body = body[:j] + [(wrong_line, True), (phrase, False)] + body[j:]
+    return [("<think>\n", False)] + body + [(f"</think>\nThe answer is {answer}.", False)]
+
+
+def render_example(tokenizer, messages: list[dict], segments: list[tuple[str, bool]],
+                   loss_on_errors: bool) -> tuple[str, list[tuple[int, int]]]:
+    """Full chat text and the character spans that carry loss (assistant turn, end marker)."""
+    from backtrack.chat import render_prompt
+
+    prompt = render_prompt(tokenizer, messages)
+    content = "".join(text for text, _ in segments)
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": content}],
+                                         tokenize=False)
+    if not full.startswith(prompt + content):
+        raise RuntimeError("chat template does not render the assistant turn verbatim")
+    spans, pos = [], len(prompt)
+    for text, is_error in segments:
+        if loss_on_errors or not is_error:
+            spans.append((pos, pos + len(text)))
+        pos += len(text)
+    end = full.index(tokenizer.eos_token, pos) + len(tokenizer.eos_token)
+    spans.append((pos, end))
+    return full, spans
+
+
+def build_corpus(task, config: ToyBaseConfig, size: int) -> list[tuple[str, list]]:
+    rng = random.Random(f"toy-corpus:{config.seed}")
+    stream = task.iter_problems("train")
+    corpus = []
+    for _ in range(size):
+        problem = next(stream)
+        corpus.append((task.messages(problem),
+                       assistant_segments(problem.solution, problem.answer, rng, config)))
+    return corpus
+
+
+class TranscriptDataset:
+    """Tokenizes transcripts on the fly (cheap next to a training step; no upfront pass)."""
+
+    def __init__(self, tokenizer, corpus, loss_on_errors: bool):
+        self.tokenizer, self.corpus, self.loss_on_errors = tokenizer, corpus, loss_on_errors
+
+    def __len__(self) -> int:
+        return len(self.corpus)
+
+    def __getitem__(self, index: int) -> dict:
+        messages, segments = self.corpus[index]
+        text, spans = render_example(self.tokenizer, messages, segments, self.loss_on_errors)
+        enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+        labels = [tok if any(lo <= start < hi for lo, hi in spans) else -100
+                  for tok, (start, _end) in zip(enc["input_ids"], enc["offset_mapping"])]
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "labels": labels}
+
+
+def train_tokenizer(task, corpus, vocab_size: int):
+    from backtrack.toy_tokenizer import train_toy_tokenizer
+
+    texts = []
+    for messages, segments in corpus[:5000]:  # role names too, so they are single tokens
+        turns = [f"{m['role']}\n{m['content']}" for m in messages]
+        texts.append("\n".join(turns) + "\nassistant\n" + "".join(t for t, _ in segments))
+    return train_toy_tokenizer(texts, vocab_size=vocab_size)
+
+
+def build_model(tokenizer, config: ToyBaseConfig):
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(config.seed)
+    model_config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=config.hidden, num_hidden_layers=config.layers,
+        intermediate_size=config.intermediate, num_attention_heads=config.heads,
+        num_key_value_heads=config.heads, max_position_embeddings=1024,
+        tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(model_config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        do_sample=True, temperature=0.8, max_new_tokens=256)
+    return model
+
+
+def _time_cap_callback(max_minutes: float):
+    from transformers import TrainerCallback
+
+    class TimeCap(TrainerCallback):
+        """Stops training when the time cap is reached (a safety net, not the schedule)."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if time.monotonic() - self.start > 60 * max_minutes:
+                log.warning("toy-base: time cap of %.1f min reached at step %d",
+                            max_minutes, state.global_step)
+                control.should_training_stop = True
+
+    return TimeCap()
+
+
+def train(model, tokenizer, corpus, config: ToyBaseConfig, work_dir: Path) -> dict:
+    """Run the HF Trainer; return the loss history and timing."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    torch.set_num_threads(config.threads or max(1, min(os.cpu_count() or 1, 8)))
+    tokenizer.padding_side = "right"  # training pads on the right; generation on the left
+    args = TrainingArguments(
+        output_dir=str(work_dir / "trainer"), per_device_train_batch_size=config.batch_size,
+        max_steps=config.steps, learning_rate=config.lr, lr_scheduler_type="cosine",
+        warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
+        logging_steps=max(1, config.steps // 50), save_strategy="no", report_to=[],
+        use_cpu=True, seed=config.seed, dataloader_num_workers=0, disable_tqdm=True)
+    trainer = Trainer(
+        model=model, args=args,
+        train_dataset=TranscriptDataset(tokenizer, corpus, config.loss_on_errors),
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=[_time_cap_callback(config.max_minutes)])
+    start = time.monotonic()
+    trainer.train()
+    tokenizer.padding_side = "left"
+    losses = [(e["step"], round(e["loss"], 4)) for e in trainer.state.log_history if "loss" in e]
+    return {"train_seconds": round(time.monotonic() - start, 1), "losses": losses,
+            "steps_done": trainer.state.global_step}
+
+
+def greedy_accuracy(model_dir: Path, task, n: int) -> float | None:
+    """Greedy accuracy on the first `n` test problems: a quick sanity figure for run.json."""
+    if n <= 0:
+        return None
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from backtrack.chat import render_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    problems = task.problems("test", n)
+    prompts = [render_prompt(tokenizer, task.messages(p)) for p in problems]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**batch, do_sample=False, max_new_tokens=256)
+    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return sum(task.check(t, p.answer).correct for t, p in zip(texts, problems)) / len(problems)
+
+
+def _save(model, tokenizer, target: Path) -> None:
+    """Save to a temporary folder beside `target`, then rename (no half-written model)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another run finished the same config first; keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(config: ToyBaseConfig) -> Path:
+    from backtrack.runinfo import write_run_info
+    from backtrack.tasks import get_task
+
+    task = get_task(config.task, config.task_args)
+    if not hasattr(task, "iter_problems"):
+        raise UserError(f"toy_base: task '{config.task}' cannot generate a training corpus "
+                        f"(only generated tasks such as 'arith' can)")
+    model_dir = cache_root() / "toy" / config_hash(config)
+    extra: dict = {"model_dir": str(model_dir)}
+    if (model_dir / "config.json").is_file():
+        log.info("toy-base: cached model at %s", model_dir)
+        info = model_dir / "toy_base.json"
+        extra.update(json.loads(info.read_text()) if info.is_file() else {})
+        extra["cached"] = True
+    else:
+        size = config.corpus_size or config.steps * config.batch_size
+        corpus = build_corpus(task, config, size)
+        tokenizer = train_tokenizer(task, corpus, config.vocab_size)
+        model = build_model(tokenizer, config)
+        with tempfile.TemporaryDirectory() as work:
+            extra.update(train(model, tokenizer, corpus, config, Path(work)))
+        extra["parameters"] = sum(p.numel() for p in model.parameters())
+        _save(model, tokenizer, model_dir)
+        extra["greedy_accuracy"] = greedy_accuracy(model_dir, task, config.eval_problems)
+        (model_dir / "toy_base.json").write_text(json.dumps(extra, indent=1) + "\n")
+    out = Path(config.output_dir) / "toy_base"
+    write_run_info(out, config, "toy-base", extra=extra)
+    print(f"toy-base: model in {model_dir}")
+    return model_dir

@@ -1,7 +1,8 @@
 """A small byte-level BPE tokenizer for the toy world, trained with `tokenizers`.
 
-Digits are split into single tokens (so arithmetic is learnable by a tiny model) and
-`<think>`/`</think>` are single tokens. The result is a standard `PreTrainedTokenizerFast`
+Digits are split into single tokens (so arithmetic is learnable by a tiny model); a space
+before a number stays on its first digit (`" 24"` -> `" 2"`, `"4"`), which keeps sequences short
+(training cost is per token). `<think>`/`</think>` are single tokens. The result is a standard `PreTrainedTokenizerFast`
 with a ChatML chat template, saved and loaded like any Hugging Face tokenizer.
 """
 
@@ -21,12 +22,12 @@ THINK_TOKENS = ["<think>", "</think>"]
 
 def train_toy_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     """Train a byte-level BPE on `texts` and wrap it as a transformers tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.Split(Regex(r" ?[0-9]"), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ])
     tokenizer.decoder = decoders.ByteLevel()
@@ -44,7 +45,8 @@ def train_toy_tokenizer(texts: Iterable[str], vocab_size: int = 512):
         pad_token="<|pad|>",
         unk_token=None,
         additional_special_tokens=["<|im_start|>", "<|endoftext|>"],
+        padding_side="left",  # saved with the tokenizer: decoder-only generation pads left
+        model_max_length=1024,
     )
     fast.chat_template = CHAT_TEMPLATE
-    fast.padding_side = "left"
     return fast

@@ -1,0 +1,129 @@
+"""toy-base: corpus with self-corrections, loss masking, and a tiny end-to-end training run."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import pytest
+
+from backtrack.errors import UserError
+from backtrack.tasks import get_task
+from backtrack.tasks.arith import parse_step
+from backtrack.toy_base import (RETRY_PHRASES, ToyBaseConfig, TranscriptDataset, build_corpus,
+                                config_hash, main, train_tokenizer)
+
+TINY = dict(threads=1, layers=1, hidden=32, heads=2, intermediate=64, steps=40, batch_size=16, lr=1e-2,
+            warmup_steps=4, eval_problems=8, task_args={"steps": 2, "test_size": 20})
+
+
+def _kinds(segments) -> str:
+    """'clean', 'immediate' or 'late', read off the shape of an assistant turn."""
+    texts = [text for text, _ in segments]
+    phrase = [i for i, t in enumerate(texts) if t.strip() in RETRY_PHRASES]
+    if not phrase:
+        return "clean"
+    wrong = [t for t, is_error in segments if is_error]
+    return "late" if len(wrong) == 1 and wrong[0].count("\n") > 1 else "immediate"
+
+
+def _check_redo(segments) -> None:
+    """After the phrase the solution restarts at the first wrong step, done right."""
+    wrong_lines = [t for t, e in segments if e][0].splitlines()
+    first_wrong = parse_step(wrong_lines[0])
+    i = next(i for i, (t, _) in enumerate(segments) if t.strip() in RETRY_PHRASES)
+    redo = parse_step(segments[i + 1][0])
+    assert redo[:3] == first_wrong[:3] and redo[3] != first_wrong[3]
+    assert redo[3] == {"+": redo[0] + redo[2], "-": redo[0] - redo[2],
+                       "*": redo[0] * redo[2], "/": redo[0] // redo[2]}[redo[1]]
+
+
+def test_correction_rate_zero_gives_clean_transcripts():
+    corpus = build_corpus(get_task("arith"), ToyBaseConfig(correction_rate=0.0), 400)
+    text = "".join(t for _m, segs in corpus for t, _ in segs)
+    assert not any(phrase in text for phrase in RETRY_PHRASES)
+    assert all(not e for _m, segs in corpus for _t, e in segs)
+
+
+def test_correction_rate_gives_both_kinds_at_the_rate():
+    config = ToyBaseConfig(correction_rate=0.3, late_share=0.5)
+    corpus = build_corpus(get_task("arith"), config, 1000)
+    kinds = [_kinds(segs) for _m, segs in corpus]
+    assert 0.25 < 1 - kinds.count("clean") / len(kinds) < 0.35
+    assert kinds.count("late") > 50 and kinds.count("immediate") > 50
+    for _m, segs in corpus:
+        if _kinds(segs) != "clean":
+            _check_redo(segs)
+            assert segs[-1][0].startswith("</think>\nThe answer is ")
+
+
+def test_loss_only_on_the_assistant_turn_and_not_on_wrong_steps():
+    task = get_task("arith")
+    corpus = build_corpus(task, ToyBaseConfig(correction_rate=1.0), 200)
+    tokenizer = train_tokenizer(task, corpus, 400)
+    for masked in (True, False):
+        dataset = TranscriptDataset(tokenizer, corpus, loss_on_errors=not masked)
+        for index in range(20):
+            item = dataset[index]
+            trained = tokenizer.decode([t for t in item["labels"] if t != -100])
+            segments = corpus[index][1]
+            expected = "".join(t for t, e in segments if not (masked and e)) + "<|im_end|>"
+            assert trained == expected
+
+
+def test_config_hash_ignores_output_dir_only():
+    base = ToyBaseConfig()
+    assert config_hash(base) == config_hash(ToyBaseConfig(output_dir="elsewhere"))
+    assert config_hash(base) != config_hash(ToyBaseConfig(correction_rate=0.1))
+    assert config_hash(base) != config_hash(ToyBaseConfig(task_args={"steps": 2}))
+
+
+@pytest.mark.parametrize("bad", [dict(correction_rate=1.5), dict(hidden=30, heads=4),
+                                 dict(steps=0), dict(retry_phrases=[])])
+def test_bad_config_is_a_user_error(bad):
+    with pytest.raises(UserError):
+        ToyBaseConfig(**bad).validate()
+
+
+def test_non_generated_task_is_a_user_error(tmp_path, gsm8k_dir):
+    config = ToyBaseConfig(task="gsm8k", task_args={"path": str(gsm8k_dir)},
+                           output_dir=str(tmp_path))
+    with pytest.raises(UserError, match="cannot generate a training corpus"):
+        main(config)
+
+
+@pytest.mark.slow
+def test_tiny_config_trains_saves_reloads_and_is_cached(tmp_path, monkeypatch):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("BACKTRACK_CACHE", str(tmp_path / "cache"))
+    config = ToyBaseConfig(output_dir=str(tmp_path / "run"), correction_rate=0.1, **TINY)
+    start = time.monotonic()
+    model_dir = main(config)
+    assert time.monotonic() - start < 60
+    info = json.loads((tmp_path / "run" / "toy_base" / "run.json").read_text())
+    assert info["model_dir"] == str(model_dir) and model_dir.parent == tmp_path / "cache" / "toy"
+    losses = [loss for _step, loss in info["losses"]]
+    assert info["steps_done"] == TINY["steps"] and losses[-1] < 0.7 * losses[0]
+    assert 0.0 <= info["greedy_accuracy"] <= 1.0
+    assert not list(model_dir.parent.glob("*.tmp*"))
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert model.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    task = get_task("arith", TINY["task_args"])
+    prompt = tokenizer.apply_chat_template(task.messages(task.problems("test", 1)[0]),
+                                           tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n")
+    batch = tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
+    torch.manual_seed(0)
+    out = model.generate(**batch, do_sample=True, max_new_tokens=12)
+    assert out.shape[1] > batch["input_ids"].shape[1]
+
+    mtime = (model_dir / "model.safetensors").stat().st_mtime
+    main(ToyBaseConfig(output_dir=str(tmp_path / "run2"), correction_rate=0.1, **TINY))
+    info2 = json.loads((tmp_path / "run2" / "toy_base" / "run.json").read_text())
+    assert info2["cached"] and info2["model_dir"] == str(model_dir)
+    assert (model_dir / "model.safetensors").stat().st_mtime == mtime
