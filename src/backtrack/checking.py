@@ -36,7 +36,7 @@ _NUMBER_RE = re.compile(
     r"(?<![\w.,/])(?P<sign>[-−])?[ ]?" + _CURRENCY + r"?[ ]?(?P<sign2>-)?"
     r"(?:(?P<latex>\\[dt]?frac\s*\{\s*(?P<ln>-?\d+(?:\.\d+)?)\s*\}\s*\{\s*(?P<ld>\d+(?:\.\d+)?)\s*\})"
     r"|(?P<time>\d{1,2}:\d{2})(?![\d:])"
-    r"|(?P<num>\d{1,3}(?:(?:,|\{,\}|\\,)\d{3})+(?![\d])(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
+    r"|(?:(?P<whole>\d{1,3})[ ](?=\d{1,2}/\d{1,2}(?![\d/]|\.\d)))?(?P<num>\d{1,3}(?:(?:,|\{,\}|\\,)\d{3})+(?![\d])(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
     r"(?:[ ]?/[ ]?(?P<den>\d+(?:\.\d+)?)(?![\d,/]))?)(?!\d|st\b|nd\b|rd\b|th\b)"
     r"(?P<pct>[ ]?(?:\\?%|percent\b))?"
     r"(?P<mult>[ ](?:thousand|million|billion)\b)?",
@@ -72,6 +72,7 @@ _RETRACT_RE = re.compile(
     r"think|consider|evaluate))", re.IGNORECASE)
 _STEP_RE = re.compile(r"(?:step|part|case|question|problem|option)\s*#?$", re.IGNORECASE)
 _LIST_ITEM_RE = re.compile(r"[.)][ \t]+[A-Za-z*]")
+_BOLD_RE = re.compile(r"\*\*(?:[A-Za-z ]{1,20}:\s*)?([^*\n]{1,40})\*\*")
 _SENTENCE_END_RE = re.compile(r"[.!?](?=\s)|\n")
 
 
@@ -103,12 +104,17 @@ def _fraction(match: re.Match) -> Fraction | None:
         den = Fraction(match.group("den")) if match.group("den") else Fraction(1)
     if den == 0:
         return None
-    value = num / den
+    value = num / den + int(match.group("whole") or 0)  # "3 1/2" is 3.5
     if match.group("mult"):
         value *= _MULTIPLIERS[match.group("mult").strip().lower()]
     if match.group("sign") or match.group("sign2"):
         value = -value
     return value
+
+
+def _surface(match: re.Match) -> str:
+    """A number as written, without its currency sign: "-$1,080" -> "-1,080"."""
+    return re.sub(_CURRENCY + r"[ ]?", "", match.group(0).strip(), count=1).replace(" -", "-")
 
 
 def _word_value(word: str) -> Fraction:
@@ -234,7 +240,7 @@ def _marker_value(text: str, pos: int, hashes: bool = False) -> tuple[str, int] 
             return _marker_value(text, match.end() + line.rindex("=") + 1)
     if match.group("time") and _fraction(match) is None:
         return match.group(0).strip(), match.end()
-    return match.group(0).strip().lstrip("$").strip(), match.end()
+    return _surface(match), match.end()
 
 
 def _boxed_candidates(text: str) -> list[_Found]:
@@ -287,8 +293,20 @@ def _prose_candidate(text: str, floor: int = 0) -> _Found | None:
     equals = text.rfind("=", sentence, chosen.start())
     if equals >= 0:
         chosen = next(m for m in numbers if m.start() > equals)
-    surface = chosen.group(0).strip().lstrip("$").strip()
-    return _Found(surface, sentence, chosen.end())
+    return _Found(_surface(chosen), sentence, chosen.end())
+
+
+def _bold_candidate(text: str) -> _Found | None:
+    """A bold number ("Janet makes **$18** a day.") in the final paragraph, unless a later
+    "=" shows the reasoning went on; it beats the last number of a trailing remark."""
+    for match in reversed(list(_BOLD_RE.finditer(text))):
+        after = text[match.end():]
+        if "=" in after or any(_NUMBER_RE.search(p) for p in re.split(r"\n\s*\n", after)[1:]):
+            return None
+        number = _NUMBER_RE.search(match.group(1))
+        if number and _parse_number(match.group(1)[number.start():]) is not None:
+            return _Found(_surface(number), _sentence_start(text, match.start(), 0), match.end())
+    return None
 
 
 def _find_final(text: str) -> _Found | None:
@@ -300,7 +318,7 @@ def _find_final(text: str) -> _Found | None:
         if cut:
             region = region[: cut.start()]
             markers = [m for m in markers if m.end <= cut.start()]
-    found = markers[-1] if markers else _prose_candidate(region)
+    found = markers[-1] if markers else (_bold_candidate(region) or _prose_candidate(region))
     if markers and _RETRACT_RE.match(region, found.end):
         found = _prose_candidate(region, _RETRACT_RE.match(region, found.end).end())
     if found is None:
