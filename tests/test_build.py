@@ -27,7 +27,7 @@ def _answer(a: int, b: int, result: int) -> str:
     return f"<think>{a} + {b} = {result}</think>\nThe answer is {result}."
 
 
-BT_KEY = ("problem_id", "sample_idx", "continuation_idx", "round")
+BT_KEY = ("problem_id", "sample_idx", "continuation_idx")
 
 
 def write_records(folder: Path, records: list[dict], key_fields=BT_KEY) -> None:
@@ -48,17 +48,27 @@ def sample_record(tokenizer, pid: str, idx: int, completion: str, correct: bool)
 
 def backtrack_record(tokenizer, pid: str, idx: int, wrong: str, continuation: str,
                      correct: bool) -> dict:
-    question, _ = QUESTIONS[pid]
-    prefix = wrong.split("</think>")[0] + "\n"
-    chain = [
-        {"round": 0, "prefix": "", "phrase": "", "completion": wrong, "extracted": None,
-         "correct": False, "new_tokens": 9, "finish_reason": "stop"},
-        {"round": 1, "prefix": prefix, "phrase": PHRASE, "completion": continuation,
-         "extracted": None, "correct": correct, "new_tokens": 9, "finish_reason": "stop"},
+    """A one-round chain cut, joined and recorded by the backtrack stage's own code."""
+    from backtrack.backtracking import Chain, cut_point, insertion
+
+    chain = Chain.start(sample_record(tokenizer, pid, idx, wrong, False), 0)
+    prefix = wrong[:cut_point(wrong, "stop")]
+    inserted = insertion(prefix, PHRASE)
+    chain.steps.append({"round": 1, "prefix": prefix, "phrase": inserted,
+                        "completion": continuation, "extracted": None, "correct": correct,
+                        "new_tokens": 9, "finish_reason": "stop"})
+    chain.text = prefix + inserted + continuation
+    return chain.record()
+
+
+def bt_traces(tokenizer) -> list[dict]:
+    """One wrong-then-right trace (p0) and one still wrong (p1)."""
+    return [
+        backtrack_record(tokenizer, "p0", 3, _answer(3, 1, 5),
+                         " 3 + 1 = 4</think>\nThe answer is 4.", True),
+        backtrack_record(tokenizer, "p1", 1, _answer(5, 2, 8),
+                         " 5 + 2 = 9</think>\nThe answer is 9.", False),
     ]
-    return {"problem_id": pid, "sample_idx": idx, "continuation_idx": 0, "round": 1,
-            "prompt": _prompt(tokenizer, question), "phrase": PHRASE, "chain": chain,
-            "final_correct": correct}
 
 
 def make_run(out: Path, tokenizer, bt: bool = True) -> Path:
@@ -71,12 +81,7 @@ def make_run(out: Path, tokenizer, bt: bool = True) -> Path:
         sample_record(tokenizer, "p1", 0, _answer(5, 2, 7), True),
         sample_record(tokenizer, "p1", 1, _answer(5, 2, 8), False),
     ]
-    traces = [
-        backtrack_record(tokenizer, "p0", 3, _answer(3, 1, 5),
-                         " 3 + 1 = 4</think>\nThe answer is 4.", True),
-        backtrack_record(tokenizer, "p1", 1, _answer(5, 2, 8),
-                         " 5 + 2 = 9</think>\nThe answer is 9.", False),
-    ]
+    traces = bt_traces(tokenizer)
     write_records(out / "samples", samples, key_fields=("problem_id", "sample_idx", "round"))
     write_records(out / "backtrack", traces if bt else [])
     return out
@@ -116,6 +121,7 @@ def test_arms_dedup_stats_and_identity(tmp_path, tiny_model_dir, tokenizer):
     bt = rft_bt[rft_bt["source"].index("bt")]
     assert bt["completion"] == ("<think>3 + 1 = 5\n" + PHRASE
                                 + " 3 + 1 = 4</think>\nThe answer is 4.<|im_end|>")
+    assert bt["completion"] == bt_traces(tokenizer)[0]["completion"] + "<|im_end|>"
     for row in rft_bt:
         assert row["input_ids"][-1] == tokenizer.eos_token_id
         assert row["input_ids"][: row["prompt_length"]] == tokenizer(
@@ -134,14 +140,15 @@ def test_arms_dedup_stats_and_identity(tmp_path, tiny_model_dir, tokenizer):
 
 @pytest.mark.parametrize("loss_on", ["all", "masked_wrong"])
 def test_loss_spans(tmp_path, tiny_model_dir, tokenizer, loss_on):
-    """`all`: the whole assistant turn; `masked_wrong`: phrase + continuation + end of turn."""
+    """`all`: the whole assistant turn; `masked_wrong`: the inserted phrase (with the newline
+    that separates it from the cut text), the continuation and the end-of-turn token."""
     from datasets import load_from_disk
 
     out = make_run(tmp_path / "run", tokenizer)
     build(out, tiny_model_dir, loss_on=loss_on)
     rows = list(load_from_disk(str(out / "sft" / "rft_bt")))
-    wrong = "<think>3 + 1 = 5\n"
-    right = PHRASE + " 3 + 1 = 4</think>\nThe answer is 4.<|im_end|>"
+    wrong = "<think>3 + 1 = 5"
+    right = "\n" + PHRASE + " 3 + 1 = 4</think>\nThe answer is 4.<|im_end|>"
     for row in rows:
         off, on = _spans(tokenizer, row)
         if row["source"] == "rft":  # no wrong part: the same in both modes
@@ -205,3 +212,23 @@ def test_missing_model_is_a_user_error(tmp_path, tokenizer):
     with pytest.raises(UserError, match="no-such-model"):
         build(out, tmp_path / "no-such-model")
     assert not (out / "sft").exists()
+
+
+def test_a_trace_right_on_round_two_is_taken_whole(tokenizer):
+    """Round 2's prefix holds the wrong first attempt and the wrong round-1 continuation."""
+    from backtrack.build import trace_text
+
+    record = backtrack_record(tokenizer, "p0", 3, _answer(3, 1, 5),
+                              " 3 + 1 = 6</think>\nThe answer is 6.", False)
+    first = record["chain"][1]
+    round1_text = first["prefix"] + first["phrase"] + first["completion"]
+    prefix = round1_text[: round1_text.rindex("</think>")]
+    record["chain"].append({"round": 2, "prefix": prefix, "phrase": "\n" + PHRASE,
+                            "completion": " 3 + 1 = 4</think>\nThe answer is 4.",
+                            "correct": True})
+    text, wrong_end = trace_text(record, "backtrack")
+    assert text == ("<think>3 + 1 = 5\n" + PHRASE + " 3 + 1 = 6\n" + PHRASE
+                    + " 3 + 1 = 4</think>\nThe answer is 4.")
+    assert text[:wrong_end] == "<think>3 + 1 = 5\n" + PHRASE + " 3 + 1 = 6"
+    record["chain"][2]["correct"] = False
+    assert trace_text(record, "backtrack") is None

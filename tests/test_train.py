@@ -104,8 +104,8 @@ def test_trl_labels_follow_the_completion_mask(tmp_path, tiny_model_dir, loss_on
     dataset = load_arm_dataset(out / "sft", "rft_bt", tokenizer)
     trainer = make_trainer(config, str(tiny_model_dir), tokenizer, dataset)
     prepared = {tuple(r["input_ids"]): r["labels"] for r in trainer.train_dataset}
-    wrong = "<think>3 + 1 = 5\n"
-    right = PHRASE + " 3 + 1 = 4</think>\nThe answer is 4.<|im_end|>"
+    wrong = "<think>3 + 1 = 5"
+    right = "\n" + PHRASE + " 3 + 1 = 4</think>\nThe answer is 4.<|im_end|>"
     for row in dataset:
         labels = prepared[tuple(row["input_ids"])]
         trained = tokenizer.decode([t for t in labels if t != -100])
@@ -172,7 +172,8 @@ def test_dataset_from_another_tokenizer_is_refused(built_run, tiny_model_dir, tm
     proc = subprocess.run(BACKTRACK_CMD + ["train", *_train_cmd(out, other, "--max-steps", "1")],
                           capture_output=True, text=True, env=cli_env, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
-    assert "differs from the base model" in proc.stderr and str(out / "sft" / "rft_bt") in proc.stderr
+    assert "differs from the base model" in proc.stderr
+    assert str(out / "sft" / "rft_bt") in proc.stderr
     assert not (out / "models").exists() and not (out / "checkpoints").exists()
 
 

@@ -7,6 +7,10 @@ messages: TRL's SFTTrainer would re-render a conversational prompt with its own 
 prompt and we need exact control over which tokens carry loss (`loss_on`). The prompt is the
 chat template's generation prompt (what the model sees at inference) tokenised on its own, and
 the completion ends with the template's end-of-turn token so the model learns to stop.
+
+With `loss_on: masked_wrong` the phrase carries loss (with the newline the backtrack stage
+inserted before it): like the [BACK] token of Physics of LMs 2.2, it is what the model must
+learn to emit when it doubts its attempt; only the wrong attempt itself is masked.
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ class BuildConfig(CommonConfig):
         "(as in the seed); `masked_wrong` = the wrong attempt is masked, the phrase, the "
         "continuation and the end-of-turn token carry loss (Physics of LMs 2.2 ablation).",
         choices=("all", "masked_wrong"))
+
+    def validate(self) -> None:
+        if self.max_per_problem < 0:
+            raise UserError("option 'max_per_problem': must be 0 (no cap) or more")
 
 
 @dataclass
@@ -109,7 +117,8 @@ def _prompt_text(tokenizer, prompt, where: str) -> str:
 
 
 def rft_examples(records: list[dict], tokenizer, max_per_problem: int, where: str):
-    """Correct first attempts, identical completions de-duplicated, capped per problem."""
+    """Correct first attempts, identical completions (up to surrounding whitespace) once,
+    at most `max_per_problem` per problem in sample order."""
     by_problem: dict[str, list[dict]] = {}
     for record in records:
         _require(record, ("problem_id", "sample_idx", "prompt", "completion", "correct"), where)
@@ -238,7 +247,8 @@ def build_arms(config: BuildConfig, tokenizer) -> tuple[dict[str, list[dict]], d
     rft, rft_info = rft_examples(samples, tokenizer, config.max_per_problem, str(samples_dir))
     if not rft:
         raise UserError(f"{samples_dir}: no correct samples among {len(samples)} records, so the "
-                        "rft arm would be empty (sample more, or use an easier task/stronger model)")
+                        "rft arm would be empty (sample more, or use an easier task or a stronger "
+                        "model)")
     bt, bt_info = bt_examples(traces, tokenizer, config.loss_on, str(backtrack_dir))
     end_of_turn = end_of_turn_text(tokenizer)
     rft_rows = [tokenize_example(tokenizer, e, end_of_turn) for e in rft]

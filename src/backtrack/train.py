@@ -278,7 +278,8 @@ def main(config: TrainConfig) -> None:
              "steps_this_run": trainer.state.global_step - start_step,
              "train_metrics": result.metrics, "train_tokens": tokens,
              "train_tokens_per_second": tokens / runtime if runtime else None,
-             "world_size": accelerator.num_processes}
+             "world_size": accelerator.num_processes,
+             "sft_dataset": json.loads((out / "sft" / config.arm / META_FILE).read_text())}
     final = save_final(trainer, config, model_path, tokenizer, extra)
     if accelerator.is_main_process:
         print(f"{config.arm}: {trainer.state.global_step} steps, final loss "

@@ -1,0 +1,179 @@
+"""Training throughput: `backtrack train` against a plain TRL `SFTTrainer` script.
+
+Both train the same toy-shaped model (random weights: throughput depends on shape and
+sequence lengths only) on the same `rft_bt` dataset, built by `backtrack build` from records
+of arith problems, with the same hyperparameters, on the CPU. Each runs in its own process,
+alternately, `--repeats` times; the best run of each counts (the machine is shared). Tokens/s
+is non-padding input tokens over the trainer's own `train_runtime`; the whole-command wall
+time (imports, dataset checks, final save, plot) is shown beside it. Target: the ratio of
+tokens/s within 10 %.
+
+    python benchmarks/train.py
+    python benchmarks/train.py --problems 256 --steps 40 --batch-size 8 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PLAIN_TRL = """
+import json, sys, time
+import torch
+from datasets import load_from_disk
+from transformers import AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+
+data_dir, model_dir, out_dir, steps, batch = sys.argv[1:6]
+dataset = load_from_disk(data_dir)
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+args = SFTConfig(output_dir=out_dir, max_steps=int(steps), per_device_train_batch_size=int(batch),
+                 learning_rate=1e-4, lr_scheduler_type="cosine", warmup_steps=0.03,
+                 max_length=1024, logging_steps=10, save_strategy="no", report_to="none",
+                 use_cpu=True, bf16=False, gradient_checkpointing=False,
+                 completion_only_loss=True, seed=0, data_seed=0)
+trainer = SFTTrainer(model=model_dir, args=args, train_dataset=dataset, processing_class=tokenizer)
+result = trainer.train()
+trainer.save_model(out_dir + "/final")
+print(json.dumps({"train_runtime": result.metrics["train_runtime"]}))
+"""
+
+
+def build_model(out_dir: Path, problems: list) -> Path:
+    """A random Llama of the toy base's default shape, with a toy tokenizer."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from backtrack.toy_tokenizer import train_toy_tokenizer
+
+    texts = [f"{p.question} <think>{p.solution}</think>\nThe answer is {p.answer}."
+             for p in problems]
+    tokenizer = train_toy_tokenizer(texts, vocab_size=512)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=160, intermediate_size=432,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=1024, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+                         tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def write_records(run_dir: Path, task, problems: list, tokenizer) -> None:
+    """Two correct samples and one wrong-then-right trace per problem, as the stages store them."""
+    from backtrack.backtracking import BACKTRACK_KEY, Chain, cut_point, insertion
+    from backtrack.chat import render_prompt
+    from backtrack.store import RecordStore
+
+    samples, traces = [], []
+    for p in problems:
+        prompt = render_prompt(tokenizer, task.messages(p))
+        right = f"<think>{p.solution}</think>\nThe answer is {p.answer}."
+        wrong = f"<think>{p.solution} + 1</think>\nThe answer is {p.answer}1."
+        for idx, (text, ok) in enumerate([(right, True), (right + " ", True), (wrong, False)]):
+            samples.append({"problem_id": p.id, "sample_idx": idx, "round": 0, "prompt": prompt,
+                            "completion": text, "extracted": None, "correct": ok,
+                            "new_tokens": 0, "finish_reason": "stop", "answer": p.answer})
+        chain = Chain.start(samples[-1], 0)
+        prefix = wrong[:cut_point(wrong, "stop")]
+        inserted = insertion(prefix, "Wait, that's not right...")
+        continuation = f" {p.solution}</think>\nThe answer is {p.answer}."
+        chain.steps.append({"round": 1, "prefix": prefix, "phrase": inserted,
+                            "completion": continuation, "extracted": None, "correct": True,
+                            "new_tokens": 0, "finish_reason": "stop"})
+        chain.text = prefix + inserted + continuation
+        traces.append(chain.record())
+    with RecordStore(run_dir / "samples", {"bench": 1}) as store:
+        store.append(samples)
+    with RecordStore(run_dir / "backtrack", {"bench": 1}, key_fields=BACKTRACK_KEY) as store:
+        store.append(traces)
+
+
+def run_backtrack(run_dir: Path, model_dir: Path, steps: int, batch: int) -> dict:
+    cmd = [sys.executable, "-m", "backtrack.cli", "train", "--output-dir", str(run_dir),
+           "--model", str(model_dir), "--arm", "rft_bt", "--max-steps", str(steps),
+           "--per-device-batch-size", str(batch), "--learning-rate", "1e-4",
+           "--save-steps", str(steps + 1), "--logging-steps", "10"]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    info = json.loads((run_dir / "models" / "rft_bt" / "run.json").read_text())
+    return {"tokens": info["train_tokens"], "runtime": info["train_metrics"]["train_runtime"],
+            "wall": wall}
+
+
+def run_plain(run_dir: Path, model_dir: Path, steps: int, batch: int, tokens: int) -> dict:
+    """The script a TRL user would write for this dataset (pre-tokenised, completion mask)."""
+    out = tempfile.mkdtemp(prefix="bench-plain-")
+    cmd = [sys.executable, "-c", PLAIN_TRL, str(run_dir / "sft" / "rft_bt"), str(model_dir),
+           out, str(steps), str(batch)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    runtime = json.loads(proc.stdout.strip().splitlines()[-1])["train_runtime"]
+    return {"tokens": tokens, "runtime": runtime, "wall": wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--problems", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    from backtrack.build import BuildConfig
+    from backtrack.build import main as build
+    from backtrack.tasks import get_task
+
+    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    task = get_task("arith", {})
+    problems = task.problems("train", args.problems)
+    model_dir = build_model(work / "model", problems)
+    run_dir = work / "run"
+    write_records(run_dir, task, problems, AutoTokenizer.from_pretrained(model_dir))
+    build(BuildConfig(output_dir=str(run_dir), model=str(model_dir)))
+    dataset = load_from_disk(str(run_dir / "sft" / "rft_bt"))
+    mean = sum(map(len, dataset["input_ids"])) / len(dataset)
+    print(f"dataset: {len(dataset)} examples of {mean:.0f} tokens on average; "
+          f"{args.steps} steps of {args.batch_size} on the CPU")
+    ours, plain = [], []
+    for _ in range(args.repeats):
+        ours.append(run_backtrack(run_dir, model_dir, args.steps, args.batch_size))
+        plain.append(run_plain(run_dir, model_dir, args.steps, args.batch_size,
+                               ours[-1]["tokens"]))
+    report(ours, plain)
+
+
+def report(ours: list[dict], plain: list[dict]) -> None:
+    """Best run of each; both see the same examples in the same order (same seed), so the
+    token count of `backtrack train` (counted by Trainer) holds for the plain script too."""
+    def best(runs):
+        return max(runs, key=lambda r: r["tokens"] / r["runtime"])
+
+    a, b = best(ours), best(plain)
+    rate_a, rate_b = a["tokens"] / a["runtime"], b["tokens"] / b["runtime"]
+    print(f"non-padding input tokens per run: {a['tokens']}")
+    print(f"backtrack train : {rate_a:9.0f} tokens/s  (train {a['runtime']:.1f} s, "
+          f"command {a['wall']:.1f} s)")
+    print(f"plain TRL script: {rate_b:9.0f} tokens/s  (train {b['runtime']:.1f} s, "
+          f"command {b['wall']:.1f} s)")
+    ratio = rate_a / rate_b
+    verdict = "OK" if ratio >= 0.9 else "SLOWER THAN TARGET"
+    print(f"ratio backtrack/plain: {ratio:.3f} (target >= 0.90: {verdict})")
+
+
+if __name__ == "__main__":
+    main()
