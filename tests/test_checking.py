@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,16 @@ def test_cutting_at_span_removes_the_answer():
     text = "<think>9 * 3 = 27</think>\nThe answer is 27."
     start, _ = final_answer_span(text)
     assert extract_answer(text[:start]) is None  # only the closed think remains
+
+
+@pytest.mark.parametrize("text", ["\\boxed{" * 5000, "\\boxed{1}. " * 5000, "A: 1\n" * 10000,
+                                  "**a** " * 10000 + "1", "The answer is 5. " * 5000])
+def test_pathological_inputs_stay_fast(text):
+    """Grading runs on every sample; no input may make it quadratic (was 35 s for nested boxes)."""
+    start = time.perf_counter()
+    extract_answer(text)
+    final_answer_span(text)
+    assert time.perf_counter() - start < 3
 
 
 def test_math_verify_works_off_the_main_thread():

@@ -31,17 +31,19 @@ from fractions import Fraction
 
 from backtrack.tasks import CheckResult
 
-_CURRENCY = r"(?:\\\$|\$|€|£|¥|₹|USD ?|EUR ?|Rs\.? ?)"
-_NUMBER_RE = re.compile(
-    r"(?<![\w.,/])(?P<sign>[-−])?[ ]?" + _CURRENCY + r"?[ ]?(?P<sign2>-)?"
-    r"(?:(?P<latex>\\[dt]?frac\s*\{\s*(?P<ln>-?\d+(?:\.\d+)?)\s*\}\s*\{\s*(?P<ld>\d+(?:\.\d+)?)\s*\})"
-    r"|(?P<time>\d{1,2}:\d{2})(?![\d:])"
-    r"|(?:(?P<whole>\d{1,3})[ ](?=\d{1,2}/\d{1,2}(?![\d/]|\.\d)))?(?P<num>\d{1,3}(?:(?:,|\{,\}|\\,)\d{3})+(?![\d])(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
-    r"(?:[ ]?/[ ]?(?P<den>\d+(?:\.\d+)?)(?![\d,/]))?)(?!\d|st\b|nd\b|rd\b|th\b)"
-    r"(?P<pct>[ ]?(?:\\?%|percent\b))?"
-    r"(?P<mult>[ ](?:thousand|million|billion)\b)?",
-    re.IGNORECASE,
-)
+_CURRENCY = r"(?:\\\$|\$|€|£|¥|₹|USD[ ]?|EUR[ ]?|Rs\.?[ ]?)"
+_NUMBER_RE = re.compile(r"""
+    (?<![\w.,/]) (?P<sign>[-−])? [ ]? """ + _CURRENCY + r"""? [ ]? (?P<sign2>-)?
+    (?: (?P<latex>\\[dt]?frac\s*\{\s*(?P<ln>-?\d+(?:\.\d+)?)\s*\}\s*\{\s*(?P<ld>\d+(?:\.\d+)?)\s*\})
+      | (?P<time>\d{1,2}:\d{2}) (?![\d:])                       # 3:00 pm
+      | (?: (?P<whole>\d{1,3}) [ ] (?=\d{1,2}/\d{1,2}(?![\d/]|\.\d)) )?   # mixed: 3 1/2
+        (?P<num> \d{1,3}(?:(?:,|\{,\}|\\,)\d{3})+(?!\d)(?:\.\d+)?        # 1,080  1{,}080
+               | \d+(?:\.\d+)? | \.\d+ )
+        (?: [ ]?/[ ]? (?P<den>\d+(?:\.\d+)?) (?![\d,/]) )?      # 1/2
+    ) (?!\d|st\b|nd\b|rd\b|th\b)                                # not "13th"
+    (?P<pct>[ ]?(?:\\?%|percent\b))?
+    (?P<mult>[ ](?:thousand|million|billion)\b)?
+    """, re.IGNORECASE | re.VERBOSE)
 _WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen "
           "fourteen fifteen sixteen seventeen eighteen nineteen").split()
 _TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
@@ -84,10 +86,6 @@ class _Found:
 
 
 # ---------------------------------------------------------------- numbers
-
-
-def _number_match(text: str, pos: int = 0) -> re.Match | None:
-    return _NUMBER_RE.match(text, pos)
 
 
 def _fraction(match: re.Match) -> Fraction | None:
@@ -147,7 +145,7 @@ def _parse_number(text: str) -> tuple[Fraction, bool] | None:
     text = _strip_latex(text.strip()).strip().rstrip(".!").strip()
     lead = _LEAD_RE.match(text)
     pos = lead.end() if lead else 0
-    match = _number_match(text, pos)
+    match = _NUMBER_RE.match(text, pos)
     if match is None:
         word = _WORD_RE.fullmatch(text, pos)
         return (_word_value(word.group("word")), False) if word else None
@@ -220,7 +218,7 @@ def _marker_value(text: str, pos: int, hashes: bool = False) -> tuple[str, int] 
     """The number right after an answer marker ending at `pos`: (surface, end) or None."""
     lead = _LEAD_RE.match(text, pos)
     at = lead.end() if lead else pos
-    match = _number_match(text, at)
+    match = _NUMBER_RE.match(text, at)
     if match is None:
         word = _WORD_RE.match(text, at)
         if word and not re.match(r"[- ]?\w", text[word.end():word.end() + 2]):
@@ -238,23 +236,30 @@ def _marker_value(text: str, pos: int, hashes: bool = False) -> tuple[str, int] 
         line = line[: cut.start()] if cut else line
         if "=" in line:
             return _marker_value(text, match.end() + line.rindex("=") + 1)
-    if match.group("time") and _fraction(match) is None:
-        return match.group(0).strip(), match.end()
     return _surface(match), match.end()
 
 
 def _boxed_candidates(text: str) -> list[_Found]:
+    boxes = list(_BOXED_RE.finditer(text))
+    if not boxes:
+        return []
+    closing, stack = {}, []  # one pass pairs every "{" with its "}" (linear on any input)
+    for pos, char in enumerate(text):
+        if char == "{":
+            stack.append(pos)
+        elif char == "}" and stack:
+            closing[stack.pop()] = pos
     found = []
-    for match in _BOXED_RE.finditer(text):
-        depth, pos = 1, match.end()
-        while pos < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[pos], 0)
-            pos += 1
-        if depth:
+    for match in boxes:
+        end = closing.get(match.end() - 1)
+        if end is None:
             continue  # unclosed box: truncated output
-        content = text[match.end(): pos - 1].strip()
+        content = text[match.end(): end].strip()
+        number = _NUMBER_RE.search(_strip_latex(content))
+        if number and _parse_number(content):  # "\$1,080" -> "1,080"
+            content = _surface(number)
         if content:
-            found.append(_Found(content, _sentence_start(text, match.start(), 0), pos))
+            found.append(_Found(content, match.start(), end + 1))
     return found
 
 
@@ -268,8 +273,7 @@ def _marker_candidates(text: str) -> list[_Found]:
                 continue
             value = _marker_value(text, match.end(), hashes)
             if value is not None:
-                start = _sentence_start(text, match.start(), 0)
-                found.append(_Found(value[0], start, value[1]))
+                found.append(_Found(value[0], match.start(), value[1]))
     return sorted(found, key=lambda f: (f.end, f.start))
 
 
@@ -293,19 +297,24 @@ def _prose_candidate(text: str, floor: int = 0) -> _Found | None:
     equals = text.rfind("=", sentence, chosen.start())
     if equals >= 0:
         chosen = next(m for m in numbers if m.start() > equals)
-    return _Found(_surface(chosen), sentence, chosen.end())
+    return _Found(_surface(chosen), max(sentence, floor), chosen.end())
 
 
 def _bold_candidate(text: str) -> _Found | None:
     """A bold number ("Janet makes **$18** a day.") in the final paragraph, unless a later
     "=" shows the reasoning went on; it beats the last number of a trailing remark."""
+    numbers = list(_NUMBER_RE.finditer(text))
+    if not numbers:
+        return None
+    last = numbers[-1].start()
+    breaks = [m.start() for m in re.finditer(r"\n\s*\n", text) if m.start() < last]
+    threshold = max(text.rfind("="), breaks[-1] if breaks else -1)
     for match in reversed(list(_BOLD_RE.finditer(text))):
-        after = text[match.end():]
-        if "=" in after or any(_NUMBER_RE.search(p) for p in re.split(r"\n\s*\n", after)[1:]):
+        if match.end() <= threshold:
             return None
         number = _NUMBER_RE.search(match.group(1))
         if number and _parse_number(match.group(1)[number.start():]) is not None:
-            return _Found(_surface(number), _sentence_start(text, match.start(), 0), match.end())
+            return _Found(_surface(number), match.start(), match.end())
     return None
 
 
@@ -323,7 +332,8 @@ def _find_final(text: str) -> _Found | None:
         found = _prose_candidate(region, _RETRACT_RE.match(region, found.end).end())
     if found is None:
         return None
-    return _Found(found.value, found.start + start, found.end + start)
+    sentence = _sentence_start(region, found.start, 0)
+    return _Found(found.value, sentence + start, found.end + start)
 
 
 # ---------------------------------------------------------------- public API
