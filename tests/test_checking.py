@@ -118,5 +118,5 @@ def test_non_numeric_latex_gold_uses_math_verify():
 def test_reference_solutions_grade_themselves(gsm8k_dir):
     """Every official GSM8K solution, read as a completion, is graded correct."""
     rows = [json.loads(line) for line in (gsm8k_dir / "test.jsonl").read_text().splitlines()]
-    wrong = [row["answer"] for row in rows if not check_answer(row["answer"], row["answer"]).correct]
+    wrong = [r["answer"] for r in rows if not check_answer(r["answer"], r["answer"]).correct]
     assert wrong == []

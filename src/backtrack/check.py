@@ -83,8 +83,8 @@ def main(config: CheckConfig) -> float:
     accuracy = sum(row["correct"] for row in rows) / len(rows)
     write_jsonl_atomic(target, rows)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        info = write_run_info(tmp, config, "check", inputs=[source],
-                              extra={"rows": len(rows), "accuracy": accuracy, "output": str(target)})
+        extra = {"rows": len(rows), "accuracy": accuracy, "output": str(target)}
+        info = write_run_info(tmp, config, "check", inputs=[source], extra=extra)
         os.replace(info, target.parent / f"{target.name}.run.json")
     print(f"accuracy {accuracy:.4f} ({sum(r['correct'] for r in rows)}/{len(rows)}) -> {target}")
     return accuracy

@@ -34,7 +34,8 @@ from backtrack.tasks import CheckResult
 _CURRENCY = r"(?:\\\$|\$|€|£|¥|₹|USD[ ]?|EUR[ ]?|Rs\.?[ ]?)"
 _NUMBER_RE = re.compile(r"""
     (?<![\w.,/]) (?P<sign>[-−])? [ ]? """ + _CURRENCY + r"""? [ ]? (?P<sign2>-)?
-    (?: (?P<latex>\\[dt]?frac\s*\{\s*(?P<ln>-?\d+(?:\.\d+)?)\s*\}\s*\{\s*(?P<ld>\d+(?:\.\d+)?)\s*\})
+    (?: (?P<latex>\\[dt]?frac\s*\{\s*(?P<ln>-?\d+(?:\.\d+)?)\s*\}
+                              \s*\{\s*(?P<ld>\d+(?:\.\d+)?)\s*\})
       | (?P<time>\d{1,2}:\d{2}) (?![\d:])                       # 3:00 pm
       | (?: (?P<whole>\d{1,3}) [ ] (?=\d{1,2}/\d{1,2}(?![\d/]|\.\d)) )?   # mixed: 3 1/2
         (?P<num> \d{1,3}(?:(?:,|\{,\}|\\,)\d{3})+(?!\d)(?:\.\d+)?        # 1,080  1{,}080

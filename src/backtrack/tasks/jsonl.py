@@ -85,7 +85,7 @@ def in_test_split(question: str, test_fraction: float) -> bool:
 
 @register
 class JsonlTask(Task):
-    """Questions with numeric answers from your own JSONL/JSON file(s); field names configurable."""
+    """Your own JSONL/JSON file(s) of questions with numeric answers; field names configurable."""
 
     name = "jsonl"
 
