@@ -255,6 +255,7 @@ def main(config: BacktrackConfig) -> dict:
                 stats.correct += sum(c.steps[-1]["correct"] for c in chunk)
                 bar.update(len(chunk))
                 bar.set_postfix(stats.postfix(), refresh=False)
+        stats.stop()
     finally:
         if engine is not None:
             engine.close()

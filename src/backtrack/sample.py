@@ -55,10 +55,15 @@ class RunStats:
     new_tokens: int = 0
     engine_seconds: float = 0.0
     started: float = dataclasses.field(default_factory=time.perf_counter)
+    ended: float | None = None  # set by `stop()`; until then wall time runs on
 
     @property
     def wall_seconds(self) -> float:
-        return time.perf_counter() - self.started
+        return (self.ended or time.perf_counter()) - self.started
+
+    def stop(self) -> RunStats:
+        self.ended = time.perf_counter()
+        return self
 
     def postfix(self) -> dict:
         wall = max(self.wall_seconds, 1e-9)
@@ -119,7 +124,7 @@ def sample_problems(engine, task, problems: list, prompts: dict[str, str], param
             stats.new_tokens += sum(r["new_tokens"] for r in records)
             bar.update(len(records))
             bar.set_postfix(stats.postfix(), refresh=False)
-    return stats
+    return stats.stop()
 
 
 def sample_record(task, problem, prompt: str, sample_idx: int, completion) -> dict:

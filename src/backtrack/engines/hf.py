@@ -9,6 +9,7 @@ Generation stops at EOS / end-of-turn tokens and at optional stop strings.
 from __future__ import annotations
 
 from backtrack.engines import Completion, Engine, GenerationParams, cut_at_stop, derive_seed
+from backtrack.errors import UserError
 
 
 def load_model_and_tokenizer(model_path: str, device: str, dtype: str | None):
@@ -30,7 +31,7 @@ class HFEngine(Engine):
 
     def __init__(self, model_path: str, device: str | None = None, dtype: str | None = None,
                  batch_size: int = 64, share_prefill: bool = True, num_threads: int | None = None,
-                 model=None, tokenizer=None):
+                 cache: str = "static", model=None, tokenizer=None):
         import torch
         from transformers import GenerationConfig
 
@@ -52,6 +53,9 @@ class HFEngine(Engine):
             eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
         self.batch_size = max(1, int(batch_size))
         self.share_prefill = share_prefill
+        if cache not in ("static", "dynamic"):
+            raise UserError(f"engine 'hf': option 'cache' must be static or dynamic, got {cache!r}")
+        self.cache = cache
 
     def encode(self, prompt: str) -> list[int]:
         """Prompt ids; the chat template already holds any BOS, so none is added."""
@@ -94,28 +98,40 @@ class HFEngine(Engine):
         torch.manual_seed(seed)
         with torch.inference_mode():
             if params.n > 1 and self.share_prefill and width > 1:
-                input_ids, mask, cache = self._shared_prefill(input_ids, mask, params.n)
+                input_ids, mask, cache = self._shared_prefill(
+                    input_ids, mask, params.n, width + params.max_new_tokens)
                 kwargs["past_key_values"] = cache
-            elif params.n > 1:
+            else:
                 kwargs["num_return_sequences"] = params.n
+                if self.cache == "static":
+                    kwargs["cache_implementation"] = "static"
             out = self.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
         generated = out[:, width:].tolist()
         return [self._to_completion(ids, params.stop) for ids in generated]
 
-    def _shared_prefill(self, input_ids, mask, n: int):
+    def _shared_prefill(self, input_ids, mask, n: int, max_len: int):
         """Run the prompt batch once (all but its last token), then repeat the cache n times.
 
         `generate` resumes from a cache that covers all but the last prompt token, so only the
-        last token of each copy is recomputed.
+        last token of each copy is recomputed. With `cache="static"` the repeated prefill is
+        written into a preallocated cache: on CPU, growing a dynamic cache by concatenation
+        every step costs more than the small model's matmuls.
         """
-        from transformers import DynamicCache
+        from transformers import DynamicCache, StaticCache
 
-        cache = DynamicCache(config=self.model.config)
+        prefill = DynamicCache(config=self.model.config)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         self.model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1],
-                   position_ids=position_ids[:, :-1], past_key_values=cache, use_cache=True,
+                   position_ids=position_ids[:, :-1], past_key_values=prefill, use_cache=True,
                    logits_to_keep=1)
-        cache.batch_repeat_interleave(n)
+        if self.cache == "static":
+            cache = StaticCache(config=self.model.config, max_cache_len=max_len)
+            for index, layer in enumerate(prefill.layers):
+                cache.update(layer.keys.repeat_interleave(n, dim=0),
+                             layer.values.repeat_interleave(n, dim=0), index)
+        else:
+            cache = prefill
+            cache.batch_repeat_interleave(n)
         return input_ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0), cache
 
     def _to_completion(self, ids: list[int], stops: list[str]) -> Completion:
