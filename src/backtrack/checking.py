@@ -24,39 +24,14 @@ hence the hand-written extraction.
 from __future__ import annotations
 
 import re
-import threading
 from dataclasses import dataclass
-from decimal import Decimal, localcontext
-from fractions import Fraction
 
+from backtrack.answer_values import (
+    LEAD_RE, NUMBER_RE, WORD_RE, canonical, eval_arithmetic, latex_number, latex_parse,
+    math_verify_timeout, parse_number, strip_latex, surface,
+)
 from backtrack.tasks import CheckResult
 
-_CURRENCY = r"(?:\\\$|\$|€|£|¥|₹|USD[ ]?|EUR[ ]?|Rs\.?[ ]?)"
-_NUMBER_RE = re.compile(r"""
-    (?<![\w.,/]) (?P<sign>[-−])? [ ]? """ + _CURRENCY + r"""? [ ]? (?P<sign2>-)?
-    (?: (?P<latex>\\[dt]?frac\s*\{\s*(?P<ln>-?\d+(?:\.\d+)?)\s*\}
-                              \s*\{\s*(?P<ld>\d+(?:\.\d+)?)\s*\})
-      | (?P<time>\d{1,2}:\d{2}) (?![\d:])                       # 3:00 pm
-      | (?: (?P<whole>\d{1,3}) [ ] (?=\d{1,2}/\d{1,2}(?![\d/]|\.\d)) )?   # mixed: 3 1/2
-        (?P<num> \d{1,3}(?:(?:,|\{,\}|\\,)\d{3})+(?!\d)(?:\.\d+)?        # 1,080  1{,}080
-               | \d+(?:\.\d+)? | \.\d+ )
-        (?: [ ]?/[ ]? (?P<den>\d+(?:\.\d+)?) (?![\d,/]) )?      # 1/2
-    ) (?!\d|st\b|nd\b|rd\b|th\b)                                # not "13th"
-    (?P<pct>[ ]?(?:\\?%|percent\b))?
-    (?P<mult>[ ](?:thousand|million|billion)\b)?
-    """, re.IGNORECASE | re.VERBOSE)
-_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen "
-          "fourteen fifteen sixteen seventeen eighteen nineteen").split()
-_TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
-_WORD_RE = re.compile(r"(?P<word>(?:%s)(?:[- ](?:%s))?|%s)\b" % (
-    "|".join(_TENS), "|".join(_WORDS[1:10]), "|".join(_WORDS)), re.IGNORECASE)
-_MULTIPLIERS = {"thousand": 1000, "million": 10**6, "billion": 10**9}
-
-# What may sit between an answer marker and its value.
-_LEAD_RE = re.compile(
-    r"(?:\s+|\*\*|__|[:=≈~]|\\[(\[]|\$|\\boxed\s*\{|\\(?:text|textbf|mathbf|mathrm)\s*\{"
-    r"|(?:approximately|approx\.|about|around|roughly|exactly|only|just|a total of|total of"
-    r"|equal to|equals|that)\b)*", re.IGNORECASE)
 _ANSWER_RE = re.compile(
     r"(?<![\w])(?:(?:final|correct|right)\s+)?answer"
     r"(?:\s+to\s+(?:the|this)\s+(?:question|problem))?(?:\s*(?:\*\*|__))?\s*"
@@ -70,12 +45,15 @@ _NEXT_TURN_RE = re.compile(
     r"|<\|(?:user|im_start)\|>)", re.IGNORECASE)
 _END_OF_TURN_RE = re.compile(r"<\|im_end\|>|<\|eot_id\|>|<\|endoftext\|>|<\|end_of_text\|>|</s>")
 _RETRACT_RE = re.compile(
-    r"[\s.!*$}]*(?:wait\b|hmm+\b|oops\b|actually\b|no,|(?:that|this)(?:'s| is) (?:not right|not "
-    r"correct|wrong|incorrect)|i made an? (?:mistake|error)|let me re-?(?:calculate|compute|do|"
-    r"think|consider|evaluate))", re.IGNORECASE)
+    r"[\s.!*$}]*(?:(?:but )?wait\b|hmm+\b|oops\b|actually\b|hold on\b|scratch that|no,"
+    r"|(?:that|this)(?:'s| is) (?:not right|not correct|wrong|incorrect)"
+    r"|i made an? (?:mistake|error)|let me re-?(?:calculate|compute|do|think|consider|evaluate))",
+    re.IGNORECASE)
 _STEP_RE = re.compile(r"(?:step|part|case|question|problem|option)\s*#?$", re.IGNORECASE)
 _LIST_ITEM_RE = re.compile(r"[.)][ \t]+[A-Za-z*]")
 _BOLD_RE = re.compile(r"\*\*(?:[A-Za-z ]{1,20}:\s*)?([^*\n]{1,40})\*\*")
+_FOLLOW_RE = re.compile(r"[ \t]*(?:[-+*/×÷^=]|\\times|\\cdot|x[ \t]*\$?\d)")
+_EXPRESSION_RE = re.compile(r"[-+*/×÷x\d.,()$ ]+")
 _SENTENCE_END_RE = re.compile(r"[.!?](?=\s)|\n")
 
 
@@ -84,113 +62,6 @@ class _Found:
     value: str  # surface form of the answer, e.g. "1,080" or "\frac{1}{2}"
     start: int  # where the answer statement starts (sentence start)
     end: int  # where it ends
-
-
-# ---------------------------------------------------------------- numbers
-
-
-def _fraction(match: re.Match) -> Fraction | None:
-    """The value of a `_NUMBER_RE` match (a time like 3:30 has none; 3:00 is 3)."""
-    if match.group("latex"):
-        num, den = Fraction(match.group("ln")), Fraction(match.group("ld"))
-    elif match.group("time"):
-        hours, minutes = match.group("time").split(":")
-        if minutes != "00":
-            return None
-        num, den = Fraction(int(hours)), Fraction(1)
-    else:
-        num = Fraction(re.sub(r"[^\d.]", "", match.group("num")))
-        den = Fraction(match.group("den")) if match.group("den") else Fraction(1)
-    if den == 0:
-        return None
-    value = num / den + int(match.group("whole") or 0)  # "3 1/2" is 3.5
-    if match.group("mult"):
-        value *= _MULTIPLIERS[match.group("mult").strip().lower()]
-    if match.group("sign") or match.group("sign2"):
-        value = -value
-    return value
-
-
-def _surface(match: re.Match) -> str:
-    """A number as written, without its currency sign: "-$1,080" -> "-1,080"."""
-    return re.sub(_CURRENCY + r"[ ]?", "", match.group(0).strip(), count=1).replace(" -", "-")
-
-
-def _word_value(word: str) -> Fraction:
-    parts = re.split(r"[- ]", word.lower())
-    total = 0
-    for part in parts:
-        total += _WORDS.index(part) if part in _WORDS else 20 + 10 * _TENS.index(part)
-    return Fraction(total)
-
-
-def _canonical(value: Fraction) -> str:
-    """'18', '-2.5' (terminating decimals) or '1/3' (others): one string per number."""
-    if value.denominator == 1:
-        return str(value.numerator)
-    den = value.denominator
-    while den % 2 == 0:
-        den //= 2
-    while den % 5 == 0:
-        den //= 5
-    if den != 1:
-        return f"{value.numerator}/{value.denominator}"
-    with localcontext() as ctx:
-        ctx.prec = 60
-        text = format(Decimal(value.numerator) / Decimal(value.denominator), "f")
-    return text.rstrip("0").rstrip(".") if "." in text else text
-
-
-def _parse_number(text: str) -> tuple[Fraction, bool] | None:
-    """(value, is_percent) when `text` is one number (currency, units and LaTeX allowed)."""
-    text = _strip_latex(text.strip()).strip().rstrip(".!").strip()
-    lead = _LEAD_RE.match(text)
-    pos = lead.end() if lead else 0
-    match = _NUMBER_RE.match(text, pos)
-    if match is None:
-        word = _WORD_RE.fullmatch(text, pos)
-        return (_word_value(word.group("word")), False) if word else None
-    rest = text[match.end():].strip()
-    if rest and not re.fullmatch(r"[A-Za-z][A-Za-z .'/-]{0,40}|\(.{0,40}\)", rest):
-        return None  # more than a unit word after the number: not a single value
-    value = _fraction(match)
-    return (value, bool(match.group("pct"))) if value is not None else None
-
-
-def _strip_latex(text: str) -> str:
-    text = re.sub(r"\\(?:text|textbf|mathrm|mathbf|mbox)\s*\{([^{}]*)\}", r" \1 ", text)
-    text = re.sub(r"\\boxed\s*\{(.*)\}", r"\1", text)
-    text = text.replace("{,}", ",").replace("\\,", "").replace("\\!", "").replace("\\ ", " ")
-    text = re.sub(r"\\[()\[\]]|\$(?=\s*$)|^\s*\$(?=\s*[\\\d-])", "", text)
-    return text.replace("−", "-")
-
-
-# ---------------------------------------------------------------- math-verify
-
-
-def _math_verify_timeout() -> int | None:
-    """math-verify times out with signal.alarm, which only works on the main thread; elsewhere
-    (e.g. a thread pool in a server) we pass None and rely on inputs being short."""
-    return 5 if threading.current_thread() is threading.main_thread() else None
-
-
-def _latex_parse(text: str) -> list:
-    from math_verify import parse
-
-    latex = text if "$" in text or "\\boxed" in text else f"${text}$"
-    return parse(latex, parsing_timeout=_math_verify_timeout())
-
-
-def _latex_number(text: str) -> Fraction | None:
-    """A LaTeX expression's exact rational value via math-verify (e.g. 2^{3}, \\dfrac{9}{3})."""
-    import sympy
-
-    for item in _latex_parse(text):
-        if isinstance(item, sympy.Basic) and item.is_number:
-            value = sympy.nsimplify(item) if item.is_Float else sympy.simplify(item)
-            if value.is_Rational:
-                return Fraction(int(value.p), int(value.q))
-    return None
 
 
 # ---------------------------------------------------------------- extraction
@@ -217,11 +88,15 @@ def _sentence_start(text: str, pos: int, floor: int) -> int:
 
 def _marker_value(text: str, pos: int, hashes: bool = False) -> tuple[str, int] | None:
     """The number right after an answer marker ending at `pos`: (surface, end) or None."""
-    lead = _LEAD_RE.match(text, pos)
+    lead = LEAD_RE.match(text, pos)
     at = lead.end() if lead else pos
-    match = _NUMBER_RE.match(text, at)
+    match = NUMBER_RE.match(text, at)
+    if match is None and text.startswith("(", at):  # "(16 - 3 - 4) * 2"
+        expr = _EXPRESSION_RE.match(text, at).group(0).rstrip(" .,")
+        value = eval_arithmetic(expr)
+        return (canonical(value), at + len(expr)) if value is not None else None
     if match is None:
-        word = _WORD_RE.match(text, at)
+        word = WORD_RE.match(text, at)
         if word and not re.match(r"[- ]?\w", text[word.end():word.end() + 2]):
             return word.group("word"), word.end()
         return None
@@ -229,15 +104,18 @@ def _marker_value(text: str, pos: int, hashes: bool = False) -> tuple[str, int] 
     listy = hashes or not text[line_start:match.start()].strip()
     if listy and _LIST_ITEM_RE.match(text, match.end()):
         return None  # "1. First, ..." is a list item, not an answer
-    follow = re.match(r"\s*(?:[-+*/×÷^=]|\\times|\\cdot|x\s*\d)", text[match.end():])
-    if follow:  # an expression like "9 * 2 = 18": the value is after its last "="
+    if _FOLLOW_RE.match(text, match.end()):  # "9 * 2 = 18": the value is after the last "="
         line_end = text.find("\n", match.end())
         line = text[match.end(): line_end if line_end >= 0 else len(text)]
         cut = re.search(r"[.!?](?:\s|$)", line)
         line = line[: cut.start()] if cut else line
         if "=" in line:
             return _marker_value(text, match.end() + line.rindex("=") + 1)
-    return _surface(match), match.end()
+        expr = _EXPRESSION_RE.match(text, match.start()).group(0).rstrip(" .,")
+        value = eval_arithmetic(expr) if re.search(r"[*×x÷+]", expr) else None
+        if value is not None:  # "The answer is 9 * 2." ("-" alone may be a range: 10-15)
+            return canonical(value), match.start() + len(expr)
+    return surface(match), match.end()
 
 
 def _boxed_candidates(text: str) -> list[_Found]:
@@ -256,9 +134,9 @@ def _boxed_candidates(text: str) -> list[_Found]:
         if end is None:
             continue  # unclosed box: truncated output
         content = text[match.end(): end].strip()
-        number = _NUMBER_RE.search(_strip_latex(content))
-        if number and _parse_number(content):  # "\$1,080" -> "1,080"
-            content = _surface(number)
+        number = NUMBER_RE.search(strip_latex(content))
+        if number and parse_number(content):  # "\$1,080" -> "1,080"
+            content = surface(number)
         if content:
             found.append(_Found(content, match.start(), end + 1))
     return found
@@ -283,7 +161,7 @@ def _prose_candidate(text: str, floor: int = 0) -> _Found | None:
     number after its last "=" ("... 10 x 5 = 50 miles for 5 days."), else its last number.
     Step numbers, list markers and ordinals ("the 3rd day") are skipped."""
     numbers = []
-    for match in _NUMBER_RE.finditer(text, floor):
+    for match in NUMBER_RE.finditer(text, floor):
         before = text[max(0, match.start() - 12): match.start()]
         if _STEP_RE.search(before.rstrip()):
             continue
@@ -298,13 +176,13 @@ def _prose_candidate(text: str, floor: int = 0) -> _Found | None:
     equals = text.rfind("=", sentence, chosen.start())
     if equals >= 0:
         chosen = next(m for m in numbers if m.start() > equals)
-    return _Found(_surface(chosen), max(sentence, floor), chosen.end())
+    return _Found(surface(chosen), max(sentence, floor), chosen.end())
 
 
 def _bold_candidate(text: str) -> _Found | None:
     """A bold number ("Janet makes **$18** a day.") in the final paragraph, unless a later
     "=" shows the reasoning went on; it beats the last number of a trailing remark."""
-    numbers = list(_NUMBER_RE.finditer(text))
+    numbers = list(NUMBER_RE.finditer(text))
     if not numbers:
         return None
     last = numbers[-1].start()
@@ -313,9 +191,9 @@ def _bold_candidate(text: str) -> _Found | None:
     for match in reversed(list(_BOLD_RE.finditer(text))):
         if match.end() <= threshold:
             return None
-        number = _NUMBER_RE.search(match.group(1))
-        if number and _parse_number(match.group(1)[number.start():]) is not None:
-            return _Found(_surface(number), match.start(), match.end())
+        number = NUMBER_RE.search(match.group(1))
+        if number and parse_number(match.group(1)[number.start():]) is not None:
+            return _Found(surface(number), match.start(), match.end())
     return None
 
 
@@ -361,14 +239,14 @@ def normalize_answer(text: str | None) -> str | None:
     """Canonical form of an answer for equality and majority vote ("$18.00" -> "18")."""
     if text is None:
         return None
-    parsed = _parse_number(text)
+    parsed = parse_number(text)
     if parsed is not None:
-        return _canonical(parsed[0])
+        return canonical(parsed[0])
     if "\\" in text or "^" in text:
-        value = _latex_number(text)
+        value = latex_number(text)
         if value is not None:
-            return _canonical(value)
-    cleaned = " ".join(_strip_latex(text).split()).strip(" .").lower()
+            return canonical(value)
+    cleaned = " ".join(strip_latex(text).split()).strip(" .").lower()
     return cleaned or None
 
 
@@ -381,14 +259,14 @@ def parse_gold(answer: str) -> str:
     if "####" in text:
         text = text.rsplit("####", 1)[1]
     text = text.strip()
-    parsed = _parse_number(text)
+    parsed = parse_number(text)
     if parsed is not None:
-        return _canonical(parsed[0])
+        return canonical(parsed[0])
     if "\\" in text or "^" in text:
-        value = _latex_number(text)
+        value = latex_number(text)
         if value is not None:
-            return _canonical(value)
-        if _latex_parse(text):  # a non-numeric LaTeX answer such as \sqrt{2}
+            return canonical(value)
+        if latex_parse(text):  # a non-numeric LaTeX answer such as \sqrt{2}
             return text
     raise ValueError(f"cannot read a gold answer from {answer!r}")
 
@@ -397,16 +275,16 @@ def answers_match(extracted: str | None, gold: str) -> bool:
     """Whether an extracted answer equals a canonical gold value (see `parse_gold`)."""
     if extracted is None:
         return False
-    pred = _parse_number(extracted)
+    pred = parse_number(extracted)
     if pred is None and ("\\" in extracted or "^" in extracted):
-        value = _latex_number(extracted)
+        value = latex_number(extracted)
         pred = (value, False) if value is not None else None
-    gold_value = _parse_number(gold)
+    gold_value = parse_number(gold)
     if pred is not None and gold_value is not None:
         # "25%" is right for a gold of 25 (GSM8K's percent questions) and of 0.25;
         # "$4 million" is right for a gold of 4 (in millions) and of 4000000.
         options = {pred[0]}
-        plain = _parse_number(re.sub(r"(?i)\s(?:thousand|million|billion)\b", "", extracted))
+        plain = parse_number(re.sub(r"(?i)\s(?:thousand|million|billion)\b", "", extracted))
         if plain is not None:
             options.add(plain[0])
         if pred[1]:
@@ -417,8 +295,8 @@ def answers_match(extracted: str | None, gold: str) -> bool:
     if gold_value is None and "\\" in gold:
         from math_verify import verify
 
-        return bool(verify(_latex_parse(gold), _latex_parse(extracted),
-                           timeout_seconds=_math_verify_timeout()))
+        return bool(verify(latex_parse(gold), latex_parse(extracted),
+                           timeout_seconds=math_verify_timeout()))
     return False
 
 
