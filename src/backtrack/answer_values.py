@@ -138,6 +138,8 @@ def latex_number(text: str) -> Fraction | None:
     """A LaTeX expression's exact rational value via math-verify (e.g. 2^{3}, \\dfrac{9}{3})."""
     import sympy
 
+    if len(text) > 300:  # an answer, not a derivation; keeps sympy's simplify bounded
+        return None
     for item in latex_parse(text):
         if isinstance(item, sympy.Basic) and item.is_number:
             value = sympy.nsimplify(item) if item.is_Float else sympy.simplify(item)
