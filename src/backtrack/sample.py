@@ -94,11 +94,12 @@ def timed_generate(engine, prompts: list[str], params: GenerationParams, stats: 
 
 def sample_problems(engine, task, problems: list, prompts: dict[str, str], params, store,
                     k: int, batch_size: int, desc: str = "sample", progress: bool = True,
-                    stats: RunStats | None = None) -> RunStats:
+                    stats: RunStats | None = None, extra_fields: dict | None = None) -> RunStats:
     """Sample the missing `sample_idx < k` of each problem into `store`, one chunk at a time.
 
-    `prompts` maps problem id -> rendered prompt. Chunks are fixed slices of `problems`, so a
-    resumed run regenerates an interrupted chunk with the same batch and seed as before.
+    `prompts` maps problem id -> rendered prompt; `extra_fields` are added to every record.
+    Chunks are fixed slices of `problems`, so a resumed run regenerates an interrupted chunk
+    with the same batch and seed as before.
     """
     stats = stats or RunStats()
     done = store.done_keys()
@@ -116,8 +117,8 @@ def sample_problems(engine, task, problems: list, prompts: dict[str, str], param
                                          dataclasses.replace(params, n=n), stats)
                 for problem, completions in zip(group, outputs):
                     for idx, completion in zip(missing[problem.id], completions):
-                        records.append(sample_record(task, problem, prompts[problem.id], idx,
-                                                     completion))
+                        records.append({**sample_record(task, problem, prompts[problem.id],
+                                                        idx, completion), **(extra_fields or {})})
             store.append(records)
             stats.samples += len(records)
             stats.correct += sum(r["correct"] for r in records)
