@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument("--output-dir", default="runs/default", help="where toy_base/run.json is")
     parser.add_argument("--task", default="arith")
     parser.add_argument("--problems", type=int, default=16)
-    parser.add_argument("--naive-problems", type=int, default=2)
+    parser.add_argument("--naive-problems", type=int, default=1)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.8)
