@@ -18,8 +18,10 @@ def load_model_and_tokenizer(model_path: str, device: str, dtype: str | None):
 
     from backtrack.models import load_model, load_tokenizer
 
-    torch_dtype = getattr(torch, dtype) if dtype else (
+    torch_dtype = getattr(torch, str(dtype), None) if dtype else (
         torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise UserError(f"engine 'hf': option 'dtype' must be a torch dtype name, got {dtype!r}")
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path, dtype=torch_dtype)
     return model.to(device).eval(), tokenizer
