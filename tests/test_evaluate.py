@@ -28,7 +28,7 @@ def test_eval_writes_records_and_metrics_and_resumes(tmp_path, tiny_model_dir, m
         assert (folder / "run.json").is_file()
         rows = [json.loads(line) for f in folder.glob("records-*.jsonl")
                 for line in f.read_text().splitlines()]
-        assert len(rows) == 12 and all(r["new_tokens"] >= 1 for r in rows)
+        assert len(rows) == 12 and all(r["new_tokens"] >= 1 and r["arm"] == arm for r in rows)
         assert results[arm]["metrics"]["pass@1"]["value"] == metrics["metrics"]["pass@1"]["value"]
 
     def no_engine(*args, **kwargs):

@@ -165,7 +165,8 @@ def sample_arm(config: EvalConfig, arm: str, task, problems, store) -> None:
                               max_new_tokens=config.max_new_tokens, seed=config.seed)
     try:
         sample_problems(engine, task, problems, prompts, params, store, config.n,
-                        config.batch_size, desc=f"eval {arm}", progress=config.progress)
+                        config.batch_size, desc=f"eval {arm}", progress=config.progress,
+                        extra_fields={"arm": arm})
     finally:
         engine.close()
 
