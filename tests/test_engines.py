@@ -206,12 +206,14 @@ class TinyServer:
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 try:
                     if failing:
-                        return self._send(server.status, {"error": "busy"})
-                    time.sleep(0.02)  # let concurrent requests overlap
-                    self._send(200, server.complete(body))
-                finally:
+                        status, data = server.status, {"error": "busy"}
+                    else:
+                        time.sleep(0.02)  # let concurrent requests overlap
+                        status, data = 200, server.complete(body)
+                finally:  # before replying: the client may send its next request at once
                     with server.lock:
                         server.in_flight -= 1
+                self._send(status, data)
 
         return Handler
 
