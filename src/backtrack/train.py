@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -271,13 +272,16 @@ def main(config: TrainConfig) -> None:
             shutil.rmtree(path)
     accelerator.wait_for_everyone()
     start_step, start_tokens = _progress_at(resume_from)  # before rotation deletes it
+    cpu_start = time.process_time()
     result = trainer.train(resume_from_checkpoint=resume_from)
+    cpu_seconds = time.process_time() - cpu_start
     tokens = trainer.state.num_input_tokens_seen - start_tokens
     runtime = result.metrics.get("train_runtime") or 0.0
     extra = {"resumed_from": resume_from, "global_step": trainer.state.global_step,
              "steps_this_run": trainer.state.global_step - start_step,
              "train_metrics": result.metrics, "train_tokens": tokens,
              "train_tokens_per_second": tokens / runtime if runtime else None,
+             "train_cpu_seconds": cpu_seconds,
              "world_size": accelerator.num_processes,
              "sft_dataset": json.loads((out / "sft" / config.arm / META_FILE).read_text())}
     final = save_final(trainer, config, model_path, tokenizer, extra)
