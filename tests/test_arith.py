@@ -43,7 +43,7 @@ def test_test_split_is_fixed_and_limit_takes_a_prefix():
 @pytest.mark.parametrize("options", [{}, {"steps": [1, 4], "ops": "*/", "max_value": 50}])
 def test_reference_solutions_are_correct_and_follow_the_options(options):
     task = get_task("arith", options)
-    max_value = options.get("max_value", 200)
+    max_value = options.get("max_value", 100)
     for problem in task.problems("train", 300):
         steps = [parse_step(line) for line in problem.solution.splitlines()]
         assert all(steps), problem.solution

@@ -10,7 +10,7 @@ import pytest
 
 from backtrack.errors import UserError
 from backtrack.tasks import get_task
-from backtrack.tasks.arith import parse_step
+from backtrack.tasks.arith import apply_op, parse_step
 from backtrack.toy_base import (RETRY_PHRASES, ToyBaseConfig, TranscriptDataset, build_corpus,
                                 config_hash, main, train_tokenizer)
 
@@ -34,9 +34,8 @@ def _check_redo(segments) -> None:
     first_wrong = parse_step(wrong_lines[0])
     i = next(i for i, (t, _) in enumerate(segments) if t.strip() in RETRY_PHRASES)
     redo = parse_step(segments[i + 1][0])
-    assert redo[:3] == first_wrong[:3] and redo[3] != first_wrong[3]
-    assert redo[3] == {"+": redo[0] + redo[2], "-": redo[0] - redo[2],
-                       "*": redo[0] * redo[2], "/": redo[0] // redo[2]}[redo[1]]
+    assert redo[:2] == first_wrong[:2] and redo[2:] != first_wrong[2:]
+    assert redo[3] == apply_op(*redo[:3])
 
 
 def test_correction_rate_zero_gives_clean_transcripts():
@@ -46,8 +45,9 @@ def test_correction_rate_zero_gives_clean_transcripts():
     assert all(not e for _m, segs in corpus for _t, e in segs)
 
 
-def test_correction_rate_gives_both_kinds_at_the_rate():
-    config = ToyBaseConfig(correction_rate=0.3, late_share=0.5)
+@pytest.mark.parametrize("slip_kinds", [["result"], ["result", "operand"]])
+def test_correction_rate_gives_both_kinds_at_the_rate(slip_kinds):
+    config = ToyBaseConfig(correction_rate=0.3, late_share=0.5, slip_kinds=slip_kinds)
     corpus = build_corpus(get_task("arith"), config, 1000)
     kinds = [_kinds(segs) for _m, segs in corpus]
     assert 0.25 < 1 - kinds.count("clean") / len(kinds) < 0.35
@@ -56,6 +56,10 @@ def test_correction_rate_gives_both_kinds_at_the_rate():
         if _kinds(segs) != "clean":
             _check_redo(segs)
             assert segs[-1][0].startswith("</think>\nThe answer is ")
+    wrong = [parse_step([t for t, e in segs if e][0].splitlines()[0])
+             for _m, segs in corpus if _kinds(segs) != "clean"]
+    operand_slips = sum(c == apply_op(a, op, b) for a, op, b, c in wrong)  # consistent arithmetic
+    assert (operand_slips > 50) == ("operand" in slip_kinds)
 
 
 def test_loss_only_on_the_assistant_turn_and_not_on_wrong_steps():

@@ -54,7 +54,8 @@ class ToyBaseConfig(CommonConfig):
     intermediate: int = option(432, "MLP inner size.")
     vocab_size: int = option(512, "Tokenizer vocabulary size (digits are single tokens).")
     steps: int = option(3000, "Optimizer steps (the training length; tune to the time budget).")
-    max_minutes: float = option(10.0, "Safety cap on training time; stops early if reached.")
+    max_minutes: float = option(0.0, "Optional cap on training minutes (0 = none); a capped "
+                                     "model is weaker than its config says (run.json tells).")
     batch_size: int = option(64, "Transcripts per optimizer step.")
     lr: float = option(3e-3, "Peak learning rate (AdamW, warmup then cosine decay).")
     warmup_steps: int = option(100, "Linear warmup steps.")
@@ -64,7 +65,9 @@ class ToyBaseConfig(CommonConfig):
     correction_rate: float = option(0.05, "Share of transcripts with a self-correction (0-1).")
     late_share: float = option(0.8, "Share of self-corrections of the late kind (0-1).")
     retry_phrases: list = option(RETRY_PHRASES, "Retry phrases the corpus uses.")
-    max_slip: int = option(3, "Largest amount a wrong step is off by.")
+    max_slip: int = option(3, "Largest amount a wrong result (or misread +/- operand) is off by.")
+    slip_kinds: list = option(["result"], "Kinds of slips in corrections: result (`6 + 12 = 15`), "
+                                          "operand (a misread number, computed from).")
     loss_on_errors: bool = option(False, "Also train on wrong steps (teaches making slips).")
     threads: int = option(0, "CPU threads for torch; 0 = all cores.")
     eval_problems: int = option(64, "Test problems for the greedy accuracy logged at the end.")
@@ -80,6 +83,8 @@ class ToyBaseConfig(CommonConfig):
             raise UserError("toy_base.hidden: must be a multiple of toy_base.heads")
         if self.correction_rate > 0 and not self.retry_phrases:
             raise UserError("toy_base.retry_phrases: needs at least one phrase")
+        if not self.slip_kinds or set(self.slip_kinds) - {"result", "operand"}:
+            raise UserError("toy_base.slip_kinds: give one or more of result, operand")
 
 
 def config_hash(config: ToyBaseConfig) -> str:
@@ -92,12 +97,23 @@ def cache_root() -> Path:
 
 
 # -- corpus ------------------------------------------------------------------------------------
-def _slip(value: int, rng: random.Random, max_slip: int) -> int:
-    """A plausible wrong result: off by a small nonzero amount, never negative."""
+def _wrong_step(a: int, op: str, b: int, c: int, rng: random.Random,
+                config: ToyBaseConfig) -> tuple[int, int]:
+    """A plausible wrong (operand, result) for the step `a op b = c`: either the result is off
+    by a small amount (`6 + 12 = 15`) or an operand is misread and the step computed from it."""
+    from backtrack.tasks.arith import apply_op
+
+    kind = rng.choice(config.slip_kinds)
     while True:
-        wrong = value + rng.choice([-1, 1]) * rng.randint(1, max(1, max_slip))
-        if wrong >= 0 and wrong != value:
-            return wrong
+        delta = rng.choice([-1, 1]) * rng.randint(1, max(1, config.max_slip))
+        if kind == "operand":
+            wrong_b = b + (delta if op in "+-" else (1 if delta > 0 else -1))
+            if wrong_b >= (1 if op in "+-" else 2) and not (op == "/" and a % wrong_b) \
+                    and not (op == "-" and wrong_b >= a):
+                return wrong_b, apply_op(a, op, wrong_b)
+            kind = "result"  # no valid misread operand here
+        elif c + delta >= 0:
+            return b, c + delta
 
 
 def _run_on(start: int, ops, first: int) -> list[str] | None:
@@ -116,30 +132,29 @@ def _run_on(start: int, ops, first: int) -> list[str] | None:
 
 def assistant_segments(solution: str, answer: str, rng: random.Random,
                        config: ToyBaseConfig) -> list[tuple[str, bool]]:
-    """The assistant turn as (text, is_error) pieces, with a self-correction at the set rate."""
+    """The assistant turn as (text, is_error) pieces, with a self-correction at the set rate.
+    Both kinds redo the solution from the first wrong step, done right."""
     from backtrack.tasks.arith import parse_step
 
     lines = solution.splitlines()
     steps = [parse_step(line) for line in lines]
     body: list[tuple[str, bool]] = [(line + "\n", False) for line in lines]
-    if steps and all(steps) and rng.random() < config.correction_rate:
-        ops = [(op, b) for _a, op, b, _c in steps]
-        j = rng.randrange(len(steps))
-        a, op, b, c = steps[j]
-        phrase = rng.choice(config.retry_phrases) + "\n"
-        late = None
-        if rng.random() < config.late_share:
-            for _try in range(10):
-                wrong = _slip(c, rng, config.max_slip)
-                late = _run_on(wrong, ops, j + 1)
-                if late is not None:
-                    break
-        if late is not None:
-            wrong_run = [f"{a} {op} {b} = {wrong}\n"] + [line + "\n" for line in late]
-            body = (body[:j] + [("".join(wrong_run), True), (phrase, False)] + body[j:])
-        else:
-            wrong_line = f"{a} {op} {b} = {_slip(c, rng, config.max_slip)}\n"
-            body = body[:j] + [(wrong_line, True), (phrase, False)] + body[j:]
+    if not (steps and all(steps) and rng.random() < config.correction_rate):
+        return [("<think>\n", False)] + body + [(f"</think>\nThe answer is {answer}.", False)]
+    ops = [(op, b) for _a, op, b, _c in steps]
+    j = rng.randrange(len(steps))
+    a, op, b, c = steps[j]
+    phrase = rng.choice(config.retry_phrases) + "\n"
+    late = rng.random() < config.late_share
+    for _try in range(10):
+        wrong_b, wrong_c = _wrong_step(a, op, b, c, rng, config)
+        run_on = _run_on(wrong_c, ops, j + 1) if late else []
+        if run_on is not None:
+            break
+    else:  # no slip keeps the later steps valid: make it an immediate correction
+        run_on = []
+    wrong_run = "".join(line + "\n" for line in [f"{a} {op} {wrong_b} = {wrong_c}"] + run_on)
+    body = body[:j] + [(wrong_run, True), (phrase, False)] + body[j:]
     return [("<think>\n", False)] + body + [(f"</think>\nThe answer is {answer}.", False)]
 
 
@@ -257,7 +272,7 @@ def train(model, tokenizer, corpus, config: ToyBaseConfig, work_dir: Path) -> di
         model=model, args=args,
         train_dataset=TranscriptDataset(tokenizer, corpus, config.loss_on_errors),
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-        callbacks=[_time_cap_callback(config.max_minutes)])
+        callbacks=[_time_cap_callback(config.max_minutes)] if config.max_minutes > 0 else [])
     start = time.monotonic()
     trainer.train()
     tokenizer.padding_side = "left"
@@ -313,6 +328,9 @@ def main(config: ToyBaseConfig) -> Path:
         info = model_dir / "toy_base.json"
         extra.update(json.loads(info.read_text()) if info.is_file() else {})
         extra["cached"] = True
+        if extra.get("steps_done", config.steps) < config.steps:
+            log.warning("toy-base: the cached model stopped at step %s of %s (time cap)",
+                        extra["steps_done"], config.steps)
     else:
         size = config.corpus_size or config.steps * config.batch_size
         corpus = build_corpus(task, config, size)

@@ -103,7 +103,7 @@ class ArithTask(Task):
     system_prompt = 'Think step by step in <think> </think>, then write "The answer is N".'
 
     def __init__(self, steps=(2, 3), max_start: int = 20, max_operand: int = 20,
-                 max_factor: int = 3, max_value: int = 200, ops: str = "+-*/",
+                 max_factor: int = 3, max_value: int = 100, ops: str = "+-*/",
                  test_size: int = 500, train_size: int = 2000, seed: int = 0, **options):
         super().__init__(**options)
         self.min_steps, self.max_steps = _steps_range(list(steps) if isinstance(steps, tuple)
