@@ -10,6 +10,7 @@ import yaml
 
 from backtrack import pipeline
 from backtrack.config import load_config, read_recipe
+from backtrack.errors import UserError
 from conftest import BACKTRACK_CMD
 
 TINY = {
@@ -114,3 +115,27 @@ def test_recipes_resolve_for_every_stage(name):
     steps = pipeline.plan(effective, recipe, source, shared)
     assert [s.name for s in steps][-1] == "report"
     assert len({s.config.output_dir for s in steps}) == 1
+
+
+def test_accelerate_config_launches_train_steps_as_subprocesses(tmp_path, monkeypatch):
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(yaml.safe_dump(TINY))
+    config = load_config(pipeline.RunConfig, recipe_path, "run",
+                         {"recipe": str(recipe_path), "seed": 7,
+                          "accelerate_config": "recipes/accelerate/ddp.yaml"})
+    effective, recipe, source, shared = pipeline.effective_config(config)
+    steps = {s.name: s for s in pipeline.plan(effective, recipe, source, shared)}
+    calls = []
+    monkeypatch.setattr("subprocess.run",
+                        lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    step = steps["train_rft_bt"]
+    step.run(step.config)
+    (cmd,) = calls
+    assert cmd[1:5] == ["-m", "accelerate.commands.launch", "--config_file",
+                        "recipes/accelerate/ddp.yaml"]
+    assert cmd[5:9] == ["-m", "backtrack.cli", "train", "--arm"] and cmd[9] == "rft_bt"
+    assert cmd[cmd.index("--config") + 1] == str(recipe_path)
+    assert cmd[cmd.index("--seed") + 1] == "7"
+    monkeypatch.setattr("subprocess.run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1))
+    with pytest.raises(UserError, match="rft_bt"):
+        step.run(step.config)
