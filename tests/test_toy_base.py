@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import time
@@ -131,3 +132,17 @@ def test_tiny_config_trains_saves_reloads_and_is_cached(tmp_path, monkeypatch):
     info2 = json.loads((tmp_path / "run2" / "toy_base" / "run.json").read_text())
     assert info2["cached"] and info2["model_dir"] == str(model_dir)
     assert (model_dir / "model.safetensors").stat().st_mtime == mtime
+
+
+def test_late_corrections_can_redo_from_the_start():
+    task = get_task("arith")
+    config = ToyBaseConfig(correction_rate=1.0, late_share=1.0, redo_from="start")
+    corpus = build_corpus(task, config, 200)
+    restarts = 0
+    for (_messages, segments), problem in zip(corpus, itertools.islice(
+            task.iter_problems("train"), 200)):
+        texts = [t for t, _ in segments]
+        i = next(i for i, t in enumerate(texts) if t.strip() in RETRY_PHRASES)
+        if "".join(texts[i + 1:-1]) == problem.solution + "\n":
+            restarts += 1
+    assert restarts > 180  # all but the rare slips that fall back to an immediate fix

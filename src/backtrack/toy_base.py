@@ -68,6 +68,8 @@ class ToyBaseConfig(CommonConfig):
     max_slip: int = option(3, "Largest amount a wrong result (or misread +/- operand) is off by.")
     slip_kinds: list = option(["result"], "Kinds of slips in corrections: result (`6 + 12 = 15`), "
                                           "operand (a misread number, computed from).")
+    redo_from: str = option("first_wrong", "Where a late correction redoes the solution from: "
+                            "the first wrong step, or the start.", choices=("first_wrong", "start"))
     loss_on_errors: bool = option(False, "Also train on wrong steps (teaches making slips).")
     threads: int = option(0, "CPU threads for torch; 0 = all cores.")
     eval_problems: int = option(64, "Test problems for the greedy accuracy logged at the end.")
@@ -152,9 +154,10 @@ def assistant_segments(solution: str, answer: str, rng: random.Random,
         if run_on is not None:
             break
     else:  # no slip keeps the later steps valid: make it an immediate correction
-        run_on = []
+        run_on, late = [], False
     wrong_run = "".join(line + "\n" for line in [f"{a} {op} {wrong_b} = {wrong_c}"] + run_on)
-    body = body[:j] + [(wrong_run, True), (phrase, False)] + body[j:]
+    redo = body if late and config.redo_from == "start" else body[j:]
+    body = body[:j] + [(wrong_run, True), (phrase, False)] + redo
     return [("<think>\n", False)] + body + [(f"</think>\nThe answer is {answer}.", False)]
 
 
