@@ -13,7 +13,8 @@ from backtrack.errors import UserError
 from backtrack.tasks import get_task
 from backtrack.tasks.arith import apply_op, parse_step
 from backtrack.toy_base import (RETRY_PHRASES, ToyBaseConfig, TranscriptDataset, build_corpus,
-                                config_hash, main, train_tokenizer)
+                                config_hash, loss_kinds, main,
+                                train_tokenizer)
 
 TINY = dict(threads=1, layers=1, hidden=32, heads=2, intermediate=64, steps=40, batch_size=16, lr=1e-2,
             warmup_steps=4, eval_problems=8, task_args={"steps": 2, "test_size": 20})
@@ -25,30 +26,32 @@ def _kinds(segments) -> str:
     phrase = [i for i, t in enumerate(texts) if t.strip() in RETRY_PHRASES]
     if not phrase:
         return "clean"
-    wrong = [t for t, is_error in segments if is_error]
+    wrong = [t for t, kind in segments if kind == "error"]
     return "late" if len(wrong) == 1 and wrong[0].count("\n") > 1 else "immediate"
 
 
 def _check_redo(segments) -> None:
     """After the phrase the solution restarts at the first wrong step, done right."""
-    wrong_lines = [t for t, e in segments if e][0].splitlines()
+    wrong_lines = [t for t, kind in segments if kind == "error"][0].splitlines()
     first_wrong = parse_step(wrong_lines[0])
     i = next(i for i, (t, _) in enumerate(segments) if t.strip() in RETRY_PHRASES)
-    redo = parse_step(segments[i + 1][0])
+    assert segments[i + 1] == ("\n", "ok")
+    redo = parse_step(segments[i + 2][0])
     assert redo[:2] == first_wrong[:2] and redo[2:] != first_wrong[2:]
     assert redo[3] == apply_op(*redo[:3])
 
 
 def test_correction_rate_zero_gives_clean_transcripts():
-    corpus = build_corpus(get_task("arith"), ToyBaseConfig(correction_rate=0.0), 400)
+    corpus = build_corpus(get_task("arith"), ToyBaseConfig(correction_rate=0.0), 400)  # knob off
     text = "".join(t for _m, segs in corpus for t, _ in segs)
     assert not any(phrase in text for phrase in RETRY_PHRASES)
-    assert all(not e for _m, segs in corpus for _t, e in segs)
+    assert {kind for _m, segs in corpus for _t, kind in segs} == {"ok"}
 
 
 @pytest.mark.parametrize("slip_kinds", [["result"], ["result", "operand"]])
 def test_correction_rate_gives_both_kinds_at_the_rate(slip_kinds):
-    config = ToyBaseConfig(correction_rate=0.3, late_share=0.5, slip_kinds=slip_kinds)
+    config = ToyBaseConfig(correction_rate=0.3, late_share=0.5, slip_kinds=slip_kinds,
+                           redo_from="first_wrong")
     corpus = build_corpus(get_task("arith"), config, 1000)
     kinds = [_kinds(segs) for _m, segs in corpus]
     assert 0.25 < 1 - kinds.count("clean") / len(kinds) < 0.35
@@ -57,24 +60,28 @@ def test_correction_rate_gives_both_kinds_at_the_rate(slip_kinds):
         if _kinds(segs) != "clean":
             _check_redo(segs)
             assert segs[-1][0].startswith("</think>\nThe answer is ")
-    wrong = [parse_step([t for t, e in segs if e][0].splitlines()[0])
+    wrong = [parse_step([t for t, kind in segs if kind == "error"][0].splitlines()[0])
              for _m, segs in corpus if _kinds(segs) != "clean"]
     operand_slips = sum(c == apply_op(a, op, b) for a, op, b, c in wrong)  # consistent arithmetic
     assert (operand_slips > 50) == ("operand" in slip_kinds)
 
 
-def test_loss_only_on_the_assistant_turn_and_not_on_wrong_steps():
+@pytest.mark.parametrize("on_errors,on_phrases", [(False, False), (True, False), (False, True)])
+def test_loss_only_on_the_assistant_turn_and_chosen_pieces(on_errors, on_phrases):
     task = get_task("arith")
-    corpus = build_corpus(task, ToyBaseConfig(correction_rate=1.0), 200)
+    config = ToyBaseConfig(correction_rate=1.0, loss_on_errors=on_errors,
+                           loss_on_phrases=on_phrases)
+    corpus = build_corpus(task, config, 200)
     tokenizer = train_tokenizer(task, corpus, 400)
-    for masked in (True, False):
-        dataset = TranscriptDataset(tokenizer, corpus, loss_on_errors=not masked)
-        for index in range(20):
-            item = dataset[index]
-            trained = tokenizer.decode([t for t in item["labels"] if t != -100])
-            segments = corpus[index][1]
-            expected = "".join(t for t, e in segments if not (masked and e)) + "<|im_end|>"
-            assert trained == expected
+    dataset = TranscriptDataset(tokenizer, corpus, loss_kinds(config))
+    trained_kinds = {"ok"} | ({"error"} if on_errors else set()) | (
+        {"phrase"} if on_phrases else set())
+    for index in range(20):
+        item = dataset[index]
+        trained = tokenizer.decode([t for t in item["labels"] if t != -100])
+        segments = corpus[index][1]
+        assert trained == "".join(t for t, k in segments if k in trained_kinds) + "<|im_end|>"
+        assert trained != "".join(t for t, _k in segments) + "<|im_end|>"
 
 
 def test_config_hash_ignores_output_dir_only():
@@ -143,6 +150,6 @@ def test_late_corrections_can_redo_from_the_start():
             task.iter_problems("train"), 200)):
         texts = [t for t, _ in segments]
         i = next(i for i, t in enumerate(texts) if t.strip() in RETRY_PHRASES)
-        if "".join(texts[i + 1:-1]) == problem.solution + "\n":
+        if "".join(texts[i + 2:-1]) == problem.solution + "\n":
             restarts += 1
     assert restarts > 180  # all but the rare slips that fall back to an immediate fix

@@ -53,7 +53,7 @@ class ToyBaseConfig(CommonConfig):
     heads: int = option(4, "Attention heads (key/value heads too).")
     intermediate: int = option(432, "MLP inner size.")
     vocab_size: int = option(512, "Tokenizer vocabulary size (digits are single tokens).")
-    steps: int = option(3000, "Optimizer steps (the training length; tune to the time budget).")
+    steps: int = option(600, "Optimizer steps (the training length; tune to the time budget).")
     max_minutes: float = option(0.0, "Optional cap on training minutes (0 = none); a capped "
                                      "model is weaker than its config says (run.json tells).")
     batch_size: int = option(64, "Transcripts per optimizer step.")
@@ -62,15 +62,17 @@ class ToyBaseConfig(CommonConfig):
     weight_decay: float = option(0.01, "AdamW weight decay.")
     corpus_size: int = option(0, "Distinct transcripts in the corpus; 0 = steps x batch_size "
                                  "(one pass, no repeats).")
-    correction_rate: float = option(0.05, "Share of transcripts with a self-correction (0-1).")
+    correction_rate: float = option(0.25, "Share of transcripts with a self-correction (0-1).")
     late_share: float = option(0.8, "Share of self-corrections of the late kind (0-1).")
     retry_phrases: list = option(RETRY_PHRASES, "Retry phrases the corpus uses.")
     max_slip: int = option(3, "Largest amount a wrong result (or misread +/- operand) is off by.")
-    slip_kinds: list = option(["result"], "Kinds of slips in corrections: result (`6 + 12 = 15`), "
+    slip_kinds: list = option(["result", "operand"], "Kinds of slips in corrections: result (`6 + 12 = 15`), "
                                           "operand (a misread number, computed from).")
-    redo_from: str = option("first_wrong", "Where a late correction redoes the solution from: "
+    redo_from: str = option("start", "Where a late correction redoes the solution from: "
                             "the first wrong step, or the start.", choices=("first_wrong", "start"))
     loss_on_errors: bool = option(False, "Also train on wrong steps (teaches making slips).")
+    loss_on_phrases: bool = option(False, "Also train on retry phrases (the base model then "
+                                          "says them unprompted, often at the wrong place).")
     threads: int = option(0, "CPU threads for torch; 0 = all cores.")
     eval_problems: int = option(64, "Test problems for the greedy accuracy logged at the end.")
 
@@ -134,19 +136,20 @@ def _run_on(start: int, ops, first: int) -> list[str] | None:
 
 def assistant_segments(solution: str, answer: str, rng: random.Random,
                        config: ToyBaseConfig) -> list[tuple[str, bool]]:
-    """The assistant turn as (text, is_error) pieces, with a self-correction at the set rate.
+    """The assistant turn as (text, kind) pieces, kind "ok", "error" (a wrong step or run of
+    steps) or "phrase" (a retry phrase), with a self-correction at the set rate.
     Both kinds redo the solution from the first wrong step, done right."""
     from backtrack.tasks.arith import parse_step
 
     lines = solution.splitlines()
     steps = [parse_step(line) for line in lines]
-    body: list[tuple[str, bool]] = [(line + "\n", False) for line in lines]
+    body: list[tuple[str, str]] = [(line + "\n", "ok") for line in lines]
     if not (steps and all(steps) and rng.random() < config.correction_rate):
-        return [("<think>\n", False)] + body + [(f"</think>\nThe answer is {answer}.", False)]
+        return [("<think>\n", "ok")] + body + [(f"</think>\nThe answer is {answer}.", "ok")]
     ops = [(op, b) for _a, op, b, _c in steps]
     j = rng.randrange(len(steps))
     a, op, b, c = steps[j]
-    phrase = rng.choice(config.retry_phrases) + "\n"
+    phrase = rng.choice(config.retry_phrases)
     late = rng.random() < config.late_share
     for _try in range(10):
         wrong_b, wrong_c = _wrong_step(a, op, b, c, rng, config)
@@ -157,12 +160,20 @@ def assistant_segments(solution: str, answer: str, rng: random.Random,
         run_on, late = [], False
     wrong_run = "".join(line + "\n" for line in [f"{a} {op} {wrong_b} = {wrong_c}"] + run_on)
     redo = body if late and config.redo_from == "start" else body[j:]
-    body = body[:j] + [(wrong_run, True), (phrase, False)] + redo
-    return [("<think>\n", False)] + body + [(f"</think>\nThe answer is {answer}.", False)]
+    # The newline after the phrase carries loss even when the phrase does not: a model must
+    # learn to go on after a phrase that someone else (the method) wrote.
+    body = body[:j] + [(wrong_run, "error"), (phrase, "phrase"), ("\n", "ok")] + redo
+    return [("<think>\n", "ok")] + body + [(f"</think>\nThe answer is {answer}.", "ok")]
 
 
-def render_example(tokenizer, messages: list[dict], segments: list[tuple[str, bool]],
-                   loss_on_errors: bool) -> tuple[str, list[tuple[int, int]]]:
+def loss_kinds(config: ToyBaseConfig) -> frozenset:
+    """Which kinds of assistant-turn pieces carry loss."""
+    return frozenset({"ok"} | ({"error"} if config.loss_on_errors else set())
+                     | ({"phrase"} if config.loss_on_phrases else set()))
+
+
+def render_example(tokenizer, messages: list[dict], segments: list[tuple[str, str]],
+                   loss_kinds: frozenset) -> tuple[str, list[tuple[int, int]]]:
     """Full chat text and the character spans that carry loss (assistant turn, end marker)."""
     from backtrack.chat import render_prompt
 
@@ -173,8 +184,8 @@ def render_example(tokenizer, messages: list[dict], segments: list[tuple[str, bo
     if not full.startswith(prompt + content):
         raise RuntimeError("chat template does not render the assistant turn verbatim")
     spans, pos = [], len(prompt)
-    for text, is_error in segments:
-        if loss_on_errors or not is_error:
+    for text, kind in segments:
+        if kind in loss_kinds:
             spans.append((pos, pos + len(text)))
         pos += len(text)
     end = full.index(tokenizer.eos_token, pos) + len(tokenizer.eos_token)
@@ -196,15 +207,15 @@ def build_corpus(task, config: ToyBaseConfig, size: int) -> list[tuple[str, list
 class TranscriptDataset:
     """Tokenizes transcripts on the fly (cheap next to a training step; no upfront pass)."""
 
-    def __init__(self, tokenizer, corpus, loss_on_errors: bool):
-        self.tokenizer, self.corpus, self.loss_on_errors = tokenizer, corpus, loss_on_errors
+    def __init__(self, tokenizer, corpus, loss_kinds: frozenset):
+        self.tokenizer, self.corpus, self.loss_kinds = tokenizer, corpus, loss_kinds
 
     def __len__(self) -> int:
         return len(self.corpus)
 
     def __getitem__(self, index: int) -> dict:
         messages, segments = self.corpus[index]
-        text, spans = render_example(self.tokenizer, messages, segments, self.loss_on_errors)
+        text, spans = render_example(self.tokenizer, messages, segments, self.loss_kinds)
         enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
         labels = [tok if any(lo <= start < hi for lo, hi in spans) else -100
                   for tok, (start, _end) in zip(enc["input_ids"], enc["offset_mapping"])]
@@ -273,7 +284,7 @@ def train(model, tokenizer, corpus, config: ToyBaseConfig, work_dir: Path) -> di
         use_cpu=True, seed=config.seed, dataloader_num_workers=0, disable_tqdm=True)
     trainer = Trainer(
         model=model, args=args,
-        train_dataset=TranscriptDataset(tokenizer, corpus, config.loss_on_errors),
+        train_dataset=TranscriptDataset(tokenizer, corpus, loss_kinds(config)),
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         callbacks=[_time_cap_callback(config.max_minutes)] if config.max_minutes > 0 else [])
     start = time.monotonic()
