@@ -74,7 +74,7 @@ def test_run_end_to_end_then_resume_skips_everything(tmp_path, cli_env):
     assert third.returncode == 0, third.stderr[-3000:]
     assert "[run] train_rft: skipped (done)" in third.stdout
     assert "[run] eval_base: done in" in third.stdout and "[run] report: done in" in third.stdout
-    assert list((out / "run" / "stale").glob("*/eval_base-base"))
+    assert list((out / "run" / "stale").glob("*/eval_base-eval-base"))
 
 
 def test_shared_cli_overrides_apply_to_every_stage(tmp_path):
@@ -139,3 +139,21 @@ def test_accelerate_config_launches_train_steps_as_subprocesses(tmp_path, monkey
     monkeypatch.setattr("subprocess.run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1))
     with pytest.raises(UserError, match="rft_bt"):
         step.run(step.config)
+
+
+def test_changed_train_step_sets_aside_model_and_checkpoints(tmp_path):
+    from backtrack.train import TrainConfig
+
+    for folder in ("models/rft", "checkpoints/rft"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "f").write_text("old")
+    step = pipeline.Step("train_rft", "train", TrainConfig(arm="rft", output_dir=str(tmp_path)),
+                         lambda c: None, ["build"])
+    prepared = pipeline._prepare(step, {"config_hash": "old"}, True, tmp_path)
+    assert not (tmp_path / "models" / "rft").exists()
+    assert not (tmp_path / "checkpoints" / "rft").exists()
+    moved = sorted(p.name for p in (tmp_path / "run" / "stale").glob("*/*"))
+    assert moved == ["train_rft-checkpoints-rft", "train_rft-models-rft"]
+    assert prepared.resume is False
+    (tmp_path / "checkpoints" / "rft").mkdir(parents=True)  # interrupted, never finished
+    assert pipeline._prepare(step, None, False, tmp_path).resume is True

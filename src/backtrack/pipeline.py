@@ -203,7 +203,8 @@ def _prepare(step: Step, marker: dict | None, changed: bool, output_dir: Path) -
         for folder in step_outputs(step, output_dir):
             if folder.exists():
                 stale.mkdir(parents=True, exist_ok=True)
-                os.replace(folder, stale / f"{step.name}-{folder.name}")
+                name = str(folder.relative_to(output_dir)).replace(os.sep, "-")
+                os.replace(folder, stale / f"{step.name}-{name}")
                 print(f"[run] {step.name}: moved old output {folder} to {stale}")
     if step.stage == "train":
         interrupted = marker is None and (output_dir / "checkpoints" / step.config.arm).is_dir()
