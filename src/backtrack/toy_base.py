@@ -91,8 +91,13 @@ class ToyBaseConfig(CommonConfig):
             raise UserError("toy_base.slip_kinds: give one or more of result, operand")
 
 
+# Bump when the corpus or training code changes what a config produces (old caches then miss).
+CORPUS_VERSION = 2
+
+
 def config_hash(config: ToyBaseConfig) -> str:
     values = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_HASHED}
+    values["corpus_version"] = CORPUS_VERSION
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
