@@ -108,3 +108,15 @@ def test_self_correction_stats_use_the_task_checker():
     assert m["acc_first"]["value"] == 0.5 and m["acc_final"]["value"] == 0.5
     assert m["delta_i2c"]["value"] == 0.5 and m["delta_c2i"]["value"] == 0.5
     assert m["backtracks_per_answer"]["value"] == 1.0
+
+
+def test_dev_split_skips_the_sampled_train_problems(tmp_path, tiny_model_dir):
+    from backtrack.tasks import get_task
+
+    config = _config(tmp_path, tiny_model_dir, arms=["base"], n=1, split="train", skip=5,
+                     limit=2)
+    summary = evaluate.main(config)["base"]
+    train_ids = [p.id for p in get_task("arith").problems("train", 7)]
+    assert summary["problem_ids"] == sorted(train_ids[5:7])
+    with pytest.raises(UserError, match="skip"):
+        evaluate.EvalConfig(split="train").validate()

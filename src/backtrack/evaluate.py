@@ -29,7 +29,11 @@ class EvalConfig(CommonConfig):
 
     arms: list = option(list(ARMS), f"Arms to evaluate, any of {', '.join(ARMS)}.")
     n: int = option(16, "Samples per test problem (pass@k and maj@k for k = 1, 2, 4, ..., n).")
-    limit: int = option(0, "Evaluate the first N test problems (0 = the whole test split).")
+    split: str = option("test", "Split to evaluate on; `train` with `skip` past the problems "
+                        "the sample stage used gives a dev set for choosing settings without "
+                        "touching the test split.", choices=("test", "train"))
+    skip: int = option(0, "Leave out the first N problems of the split.")
+    limit: int = option(0, "Evaluate N problems after `skip` (0 = the rest of the split).")
     temperature: float = option(0.8, "Sampling temperature.")
     top_p: float = option(1.0, "Nucleus sampling top_p.")
     max_new_tokens: int = option(256, "Longest answer in new tokens (budget forcing's "
@@ -53,8 +57,11 @@ class EvalConfig(CommonConfig):
         for name in ("n", "max_new_tokens", "batch_size", "n_boot", "max_subsets"):
             if getattr(self, name) < 1:
                 raise UserError(f"option '{name}': must be at least 1")
-        if self.limit < 0:
-            raise UserError("option 'limit': must be >= 0")
+        if self.limit < 0 or self.skip < 0:
+            raise UserError("options 'limit' and 'skip': must be >= 0")
+        if self.split == "train" and not (self.skip and self.limit):
+            raise UserError("option 'split': evaluating on train needs 'skip' (past the sampled "
+                            "problems) and 'limit'")
 
 
 def arm_model_path(config: EvalConfig, arm: str) -> str:
@@ -90,7 +97,7 @@ def _model_identity(model_path: str) -> str:
 def fingerprint(config: EvalConfig, arm: str, model_path: str) -> dict:
     """What shapes an arm's records; a store written with another is refused. Not n or limit:
     raising them only adds the missing samples."""
-    fp = {"arm": arm, "task": config.task, "task_args": config.task_args,
+    fp = {"arm": arm, "task": config.task, "task_args": config.task_args, "split": config.split,
           "model": _model_identity(model_path), "seed": config.seed,
           "temperature": config.temperature, "top_p": config.top_p,
           "max_new_tokens": config.max_new_tokens}
@@ -187,9 +194,11 @@ def evaluate_arm(config: EvalConfig, arm: str) -> dict:
     from backtrack.tasks import get_task
 
     task = get_task(config.task, config.task_args)
-    problems = task.problems("test", config.limit or None)
+    count = config.skip + config.limit if config.limit else None
+    problems = task.problems(config.split, count)[config.skip:]
     if not problems:
-        raise UserError(f"task '{config.task}': the test split is empty")
+        raise UserError(f"task '{config.task}': no {config.split} problems after skipping "
+                        f"{config.skip}")
     folder = Path(config.output_dir) / "eval" / arm
     model_path = arm_model_path(config, arm)
     with RecordStore(folder, fingerprint(config, arm, model_path)) as store:
