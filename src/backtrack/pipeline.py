@@ -27,8 +27,9 @@ from backtrack.config import CommonConfig, option, read_recipe, resolve
 from backtrack.errors import UserError
 
 ALL_STAGES = ("toy_base", "sample", "backtrack", "build", "train", "eval", "report")
-# Fields that change how a stage runs, not what it produces.
-UNHASHED_FIELDS = {"resume", "batch_size", "engine_args", "progress"}
+# Fields that change how a stage runs, not what it produces (markers live in output_dir, so
+# a moved run folder stays done).
+UNHASHED_FIELDS = {"resume", "batch_size", "engine_args", "progress", "output_dir"}
 EMBEDDED_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "toy.yaml"
 
 
