@@ -8,8 +8,6 @@ and the answer check used as the reward. Stages only talk to tasks through this 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 from backtrack.errors import UserError
 
 SYSTEM_PROMPT = (
@@ -38,11 +36,18 @@ class Task:
     name = "task"
     system_prompt = SYSTEM_PROMPT
 
-    def __init__(self, **options):
+    def __init__(self, limit: int | None = None, **options):
         if options:
             raise UserError(f"task '{self.name}': unknown option(s) {sorted(options)}")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                  or limit < 1):
+            raise UserError(f"task '{self.name}': option 'limit' must be a positive integer, "
+                            f"got {limit!r}")
+        self.limit = limit  # a cap on every split, e.g. a small GSM8K subset
 
     def problems(self, split: str, limit: int | None = None) -> list[Problem]:
+        if self.limit and (limit is None or limit > self.limit):
+            limit = self.limit
         if split not in ("train", "test"):
             raise UserError(f"task '{self.name}': unknown split '{split}' (train or test)")
         problems = self.load_split(split)

@@ -24,18 +24,9 @@ class Gsm8kTask(Task):
     name = "gsm8k"
 
     def __init__(self, path: str = HUB_ID, limit: int | None = None, **options):
-        super().__init__(**options)
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
-                                  or limit < 1):
-            raise UserError(f"task 'gsm8k': option 'limit' must be a positive integer, "
-                            f"got {limit!r}")
-        self.path, self.limit = str(path), limit
+        super().__init__(limit=limit, **options)
+        self.path = str(path)
         self._cache: dict[str, list[Problem]] = {}
-
-    def problems(self, split: str, limit: int | None = None) -> list[Problem]:
-        if self.limit and (limit is None or limit > self.limit):
-            limit = self.limit
-        return super().problems(split, limit)
 
     def load_split(self, split: str) -> list[Problem]:
         if split not in self._cache:

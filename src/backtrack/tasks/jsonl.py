@@ -93,7 +93,7 @@ class JsonlTask(Task):
                  test_path: str | None = None, question_field: str = "question",
                  answer_field: str = "answer", id_field: str | None = None,
                  test_fraction: float = 0.2, limit: int | None = None, **options):
-        super().__init__(**options)
+        super().__init__(limit=limit, **options)
         if path and (train_path or test_path):
             raise UserError("task 'jsonl': give either 'path' or 'train_path'/'test_path'")
         if not path and not (train_path and test_path):
@@ -102,19 +102,10 @@ class JsonlTask(Task):
         if not 0 < float(test_fraction) < 1:
             raise UserError(f"task 'jsonl': option 'test_fraction' must be in (0, 1), "
                             f"got {test_fraction!r}")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
-                                  or limit < 1):
-            raise UserError(f"task 'jsonl': option 'limit' must be a positive integer, "
-                            f"got {limit!r}")
         self.path, self.train_path, self.test_path = path, train_path, test_path
         self.question_field, self.answer_field = question_field, answer_field
-        self.id_field, self.test_fraction, self.limit = id_field, float(test_fraction), limit
+        self.id_field, self.test_fraction = id_field, float(test_fraction)
         self._cache: dict[str, list[Problem]] = {}
-
-    def problems(self, split: str, limit: int | None = None) -> list[Problem]:
-        if self.limit and (limit is None or limit > self.limit):
-            limit = self.limit
-        return super().problems(split, limit)
 
     def load_split(self, split: str) -> list[Problem]:
         if split not in self._cache:
