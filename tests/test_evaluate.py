@@ -118,5 +118,7 @@ def test_dev_split_skips_the_sampled_train_problems(tmp_path, tiny_model_dir):
     summary = evaluate.main(config)["base"]
     train_ids = [p.id for p in get_task("arith").problems("train", 7)]
     assert summary["problem_ids"] == sorted(train_ids[5:7])
+    assert (tmp_path / "eval_dev" / "base" / "metrics.json").is_file()
+    assert not (tmp_path / "eval").exists()
     with pytest.raises(UserError, match="skip"):
         evaluate.EvalConfig(split="train").validate()

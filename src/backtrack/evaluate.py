@@ -178,6 +178,12 @@ def sample_arm(config: EvalConfig, arm: str, task, problems, store) -> None:
         engine.close()
 
 
+def eval_dir(config: EvalConfig) -> Path:
+    """`eval/` for the test split; a dev evaluation on train problems goes to `eval_dev/`,
+    so it never mixes with (or is read by the report as) the test results."""
+    return Path(config.output_dir) / ("eval" if config.split == "test" else "eval_dev")
+
+
 def summarize_arm(config: EvalConfig, task, records: list[dict]) -> dict:
     from backtrack.checking import normalize_answer
     from backtrack.metrics import summarize
@@ -199,7 +205,7 @@ def evaluate_arm(config: EvalConfig, arm: str) -> dict:
     if not problems:
         raise UserError(f"task '{config.task}': no {config.split} problems after skipping "
                         f"{config.skip}")
-    folder = Path(config.output_dir) / "eval" / arm
+    folder = eval_dir(config) / arm
     model_path = arm_model_path(config, arm)
     with RecordStore(folder, fingerprint(config, arm, model_path)) as store:
         sample_arm(config, arm, task, problems, store)
@@ -223,6 +229,6 @@ def main(config: EvalConfig) -> dict:
         print(f"eval {arm}: pass@1 {m['pass@1']['value']:.3f}  pass@{top} "
               f"{m[f'pass@{top}']['value']:.3f}  maj@{top} {m[f'maj@{top}']['value']:.3f}  "
               f"backtracks/answer {m['backtracks_per_answer']['value']:.2f}  "
-              f"-> {Path(config.output_dir) / 'eval' / arm / 'metrics.json'}", flush=True)
+              f"-> {eval_dir(config) / arm / 'metrics.json'}", flush=True)
         results[arm] = summary
     return results

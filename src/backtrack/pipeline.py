@@ -176,7 +176,9 @@ def step_outputs(step: Step, output_dir: Path) -> list[Path]:
         return [output_dir / "models" / step.config.arm,
                 output_dir / "checkpoints" / step.config.arm]
     if step.stage == "eval":
-        return [output_dir / "eval" / arm for arm in step.config.arms]
+        from backtrack.evaluate import eval_dir
+
+        return [eval_dir(step.config) / arm for arm in step.config.arms]
     folder = {"toy_base": "toy_base", "sample": "samples", "backtrack": "backtrack",
               "build": "sft", "report": "report"}[step.stage]
     return [output_dir / folder]
