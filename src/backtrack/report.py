@@ -222,6 +222,8 @@ def _plot_curves(ax, arms: dict[str, dict], prefix: str) -> None:
         ax.fill_between(ks, [c["low"] * 100 for c in cells], [c["high"] * 100 for c in cells],
                         alpha=0.15)
     ax.set_xscale("log", base=2)
+    all_ks = max((d["ks"] for d in arms.values()), key=len)
+    ax.set_xticks(all_ks, [str(k) for k in all_ks])
     ax.set_xlabel("k")
     ax.set_ylabel(f"{prefix}@k (%)")
     ax.grid(alpha=0.3)
