@@ -157,3 +157,9 @@ def test_changed_train_step_sets_aside_model_and_checkpoints(tmp_path):
     assert prepared.resume is False
     (tmp_path / "checkpoints" / "rft").mkdir(parents=True)  # interrupted, never finished
     assert pipeline._prepare(step, None, False, tmp_path).resume is True
+
+
+def test_without_config_the_embedded_toy_recipe_applies():
+    effective, recipe, source, shared = pipeline.effective_config(pipeline.RunConfig(seed=4))
+    assert source == str(pipeline.EMBEDDED_RECIPE) and recipe["model"] == "toy"
+    assert effective.output_dir == recipe["output_dir"] and shared == {"seed": 4}
