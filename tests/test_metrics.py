@@ -121,3 +121,11 @@ def test_paired_bootstrap_detects_real_difference_only():
     assert result["low"] < 0 < result["high"] and not result["significant"]
     same = metrics.paired_bootstrap(base, base, n_boot=500)
     assert same["diff"] == 0 and not same["significant"] and same["p_value"] == 1.0
+
+
+def test_undefined_metrics_are_null_not_nan():
+    records = [{"problem_id": "p", "sample_idx": 0, "completion": "The answer is 3.",
+                "extracted": "3", "correct": True, "new_tokens": 4}]
+    result = metrics.summarize(records, n_boot=20)
+    assert result["metrics"]["accuracy_backtracked"] == {"value": None, "low": None, "high": None}
+    json.loads(json.dumps(result), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))

@@ -133,8 +133,8 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 10000, seed: in
     """
     diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     if len(diff) == 0:
-        return {"diff": float("nan"), "low": float("nan"), "high": float("nan"),
-                "p_value": float("nan"), "significant": False, "problems": 0}
+        return {"diff": None, "low": None, "high": None, "p_value": None,
+                "significant": False, "problems": 0}
     idx = np.random.default_rng(seed).integers(0, len(diff), size=(n_boot, len(diff)))
     means = diff[idx].mean(axis=1)
     alpha = (1 - level) / 2
@@ -262,7 +262,9 @@ def summarize(records: Iterable[dict], ks: Sequence[int] | None = None,
     metrics, per_problem = {}, {}
     for name, (num, den) in table["arrays"].items():
         point, low, high = bootstrap_ci(num, den, n_boot=n_boot, seed=seed)
-        metrics[name] = {"value": point, "low": low, "high": high}
+        # undefined (e.g. accuracy of answers that backtracked, when none did) -> null in JSON
+        metrics[name] = {k: None if math.isnan(v) else v
+                         for k, v in (("value", point), ("low", low), ("high", high))}
         per_problem[name] = [None if d == 0 else float(x / d) for x, d in zip(num, den)]
     total = sum(len(g) for g in groups.values())
     return {"problems": len(groups), "samples": total, "samples_per_problem": n_min,
