@@ -250,7 +250,7 @@ def summarize(records: Iterable[dict], ks: Sequence[int] | None = None,
               n_boot: int = 1000, max_subsets: int = 1000, seed: int = 0) -> dict:
     """Every metric of one arm with 95 % bootstrap CIs, as a JSON-ready dict.
 
-    `per_problem` holds each metric's per-problem value (nan where undefined), which the
+    `per_problem` holds each metric's per-problem value (None where undefined), which the
     report uses for paired comparisons between arms.
     """
     groups = group_by_problem(records)

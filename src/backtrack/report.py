@@ -278,6 +278,17 @@ def write_plots(folder: Path, arms: dict[str, dict], losses: dict) -> list[str]:
     return names
 
 
+def _no_nan(value):
+    """NaN (from metrics.json files of older runs) as null, so results.json is strict JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nan(v) for v in value]
+    return value
+
+
 def _atomic_replace_dir(tmp: Path, target: Path) -> None:
     old = target.with_name(target.name + ".old")
     if old.exists():
@@ -311,7 +322,7 @@ def main(config: ReportConfig) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     plots = write_plots(tmp, results["arms"], losses)
-    (tmp / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (tmp / "results.json").write_text(json.dumps(_no_nan(results), indent=2, default=str) + "\n")
     (tmp / "report.md").write_text(render_markdown(results, plots))
     write_run_info(tmp, config, "report",
                    inputs=[output_dir / "eval" / arm / "metrics.json" for arm in arms])
