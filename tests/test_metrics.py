@@ -83,7 +83,8 @@ def test_summary_golden():
     assert result["ks"] == [1, 2]
     for name, expected in case["expected"].items():
         assert result["metrics"][name]["value"] == pytest.approx(expected), name
-    assert result["backtrack_histogram"] == {int(k): v for k, v in case["expected_histogram"].items()}
+    expected_hist = {int(k): v for k, v in case["expected_histogram"].items()}
+    assert result["backtrack_histogram"] == expected_hist
     assert result["problem_ids"] == ["p1", "p2"]
     assert result["per_problem"]["pass@1"] == [1.0, 0.0]
     json.dumps(result)  # JSON-ready

@@ -265,7 +265,8 @@ def main(config: RunConfig) -> Path:
     write_run_info(output_dir, config, "run", inputs=[config.recipe] if config.recipe else [],
                    extra={"steps": {s.name: dataclasses.asdict(s.config) for s in steps},
                           "timings": timings})
-    ran = [f"{name} {_fmt(t['seconds'])}" for name, t in timings.items() if t.get("status") == "ran"]
+    ran = [f"{name} {_fmt(t['seconds'])}" for name, t in timings.items()
+           if t.get("status") == "ran"]
     print("[run] wall time per step: " + (", ".join(ran) or "nothing to do, every step was done"),
           flush=True)
     report_md = output_dir / "report" / "report.md"

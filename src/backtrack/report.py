@@ -74,7 +74,8 @@ def load_loss(path: Path) -> tuple[list[float], list[float]] | None:
     if isinstance(data, dict) and "log_history" in data:
         data = data["log_history"]
     if isinstance(data, dict):
-        steps, losses = data.get("steps") or data.get("step"), data.get("loss") or data.get("losses")
+        steps = data.get("steps") or data.get("step")
+        losses = data.get("loss") or data.get("losses")
         if isinstance(steps, list) and isinstance(losses, list):
             return [float(s) for s in steps], [float(v) for v in losses]
         return None
@@ -192,7 +193,8 @@ def render_markdown(results: dict, plots: list[str]) -> str:
     first = next(iter(arms.values()))
     lines = [
         "# backtrack report", "",
-        f"Task `{results['task']}`, base model `{results['model']}`, output `{results['output_dir']}`. "
+        f"Task `{results['task']}`, base model `{results['model']}`, "
+        f"output `{results['output_dir']}`. "
         f"{first['problems']} test problems x {first['samples_per_problem']} samples per arm. "
         "Values in % (tokens and backtracks as counts) with 95 % bootstrap CIs over problems.", "",
         "## Accuracy", "", *_table(arms, accuracy_cols), "",
