@@ -34,26 +34,10 @@ def toy_model_path(output_dir: str) -> str:
 
 
 def build_random_toy(out_dir: Path) -> str:
-    """An untrained Llama of the toy base's default shape with a trained toy tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from backtrack.tasks import get_task
-    from backtrack.toy_tokenizer import train_toy_tokenizer
+    from backtrack.toy_base import save_untrained_model
 
-    task = get_task("arith", {})
-    texts = [f"{p.question} <think>{p.solution}</think>\nThe answer is {p.answer}."
-             for p in task.problems("train", 300)]
-    tokenizer = train_toy_tokenizer(texts, vocab_size=512)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=160, intermediate_size=432,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=1024, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-                         tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return str(out_dir)
+    return str(save_untrained_model(out_dir, get_task("arith", {}).problems("train", 300)))
 
 
 def naive_loop(engine, prompts: list[str], k: int, params) -> tuple[int, float]:

@@ -47,30 +47,6 @@ print(json.dumps({"train_runtime": result.metrics["train_runtime"], "cpu": cpu_s
 """
 
 
-def build_model(out_dir: Path, problems: list) -> Path:
-    """A random Llama of the toy base's default shape, with a toy tokenizer."""
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    from backtrack.toy_tokenizer import train_toy_tokenizer
-
-    texts = [f"{p.question} <think>{p.solution}</think>\nThe answer is {p.answer}."
-             for p in problems]
-    tokenizer = train_toy_tokenizer(texts, vocab_size=512)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=160, intermediate_size=432,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=1024, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-                         tie_word_embeddings=True)
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
-
-
 def write_records(run_dir: Path, task, problems: list, tokenizer) -> None:
     """Two correct samples and one wrong-then-right trace per problem, as the stages store them."""
     from backtrack.backtracking import BACKTRACK_KEY, Chain, cut_point, insertion
@@ -141,11 +117,12 @@ def main() -> None:
     from backtrack.build import BuildConfig
     from backtrack.build import main as build
     from backtrack.tasks import get_task
+    from backtrack.toy_base import save_untrained_model
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     task = get_task("arith", {})
     problems = task.problems("train", args.problems)
-    model_dir = build_model(work / "model", problems)
+    model_dir = save_untrained_model(work / "model", problems)
     run_dir = work / "run"
     write_records(run_dir, task, problems, AutoTokenizer.from_pretrained(model_dir))
     build(BuildConfig(output_dir=str(run_dir), model=str(model_dir)))

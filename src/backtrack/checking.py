@@ -235,10 +235,8 @@ def final_answer_span(text: str) -> tuple[int, int] | None:
     return found.start, end
 
 
-def normalize_answer(text: str | None) -> str | None:
-    """Canonical form of an answer for equality and majority vote ("$18.00" -> "18")."""
-    if text is None:
-        return None
+def _numeric_value(text: str) -> str | None:
+    """Canonical number read from plain text or, failing that, from LaTeX."""
     parsed = parse_number(text)
     if parsed is not None:
         return canonical(parsed[0])
@@ -246,6 +244,16 @@ def normalize_answer(text: str | None) -> str | None:
         value = latex_number(text)
         if value is not None:
             return canonical(value)
+    return None
+
+
+def normalize_answer(text: str | None) -> str | None:
+    """Canonical form of an answer for equality and majority vote ("$18.00" -> "18")."""
+    if text is None:
+        return None
+    value = _numeric_value(text)
+    if value is not None:
+        return value
     cleaned = " ".join(strip_latex(text).split()).strip(" .").lower()
     return cleaned or None
 
@@ -259,15 +267,11 @@ def parse_gold(answer: str) -> str:
     if "####" in text:
         text = text.rsplit("####", 1)[1]
     text = text.strip()
-    parsed = parse_number(text)
-    if parsed is not None:
-        return canonical(parsed[0])
-    if "\\" in text or "^" in text:
-        value = latex_number(text)
-        if value is not None:
-            return canonical(value)
-        if latex_parse(text):  # a non-numeric LaTeX answer such as \sqrt{2}
-            return text
+    value = _numeric_value(text)
+    if value is not None:
+        return value
+    if ("\\" in text or "^" in text) and latex_parse(text):
+        return text  # a non-numeric LaTeX answer such as \sqrt{2}
     raise ValueError(f"cannot read a gold answer from {answer!r}")
 
 

@@ -256,6 +256,22 @@ def build_model(tokenizer, config: ToyBaseConfig):
     return model
 
 
+def save_untrained_model(out_dir: Path, problems: list, config: ToyBaseConfig | None = None) -> Path:
+    """An untrained model of the toy base's shape, with a tokenizer trained on `problems`.
+
+    Speed depends on shape and output length, not on weights, so benchmarks use this to
+    measure the toy world without waiting for `backtrack toy-base`.
+    """
+    from backtrack.toy_tokenizer import train_toy_tokenizer
+
+    texts = [f"{p.question} <think>{p.solution}</think>\nThe answer is {p.answer}."
+             for p in problems]
+    tokenizer = train_toy_tokenizer(texts, vocab_size=(config or ToyBaseConfig()).vocab_size)
+    build_model(tokenizer, config or ToyBaseConfig()).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
 def _time_cap_callback(max_minutes: float):
     from transformers import TrainerCallback
 
