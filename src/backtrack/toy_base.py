@@ -5,8 +5,9 @@ The corpus is chat transcripts of the task's train problems (system, user, then 
 natural self-correction, as web text sometimes does (the "retry data" of Physics of LMs 2.2):
 - immediate: a wrong step, a retry phrase, the step done right, then the rest;
 - late: the solution runs on from a wrong step to its end, then a retry phrase where `</think>`
-  would be, then the solution redone from the first wrong step. This is the shape the method
-  creates when it puts "Wait, that's not right..." in place of `</think>`.
+  would be, then the solution redone (from the start by default: the tiny model finds its own
+  first slip poorly, and a whole redo gave more wrong-to-right continuations). This is the
+  shape the method creates when it puts "Wait, that's not right..." in place of `</think>`.
 Slips are off by a small amount (`6 + 12 = 15`), like the model's own arithmetic slips. Loss
 goes on the assistant turn only; by default not on the wrong steps, so the model learns to fix
 slips without learning to make them (its own slips come from its small capacity).
@@ -53,7 +54,7 @@ class ToyBaseConfig(CommonConfig):
     heads: int = option(4, "Attention heads (key/value heads too).")
     intermediate: int = option(432, "MLP inner size.")
     vocab_size: int = option(512, "Tokenizer vocabulary size (digits are single tokens).")
-    steps: int = option(600, "Optimizer steps (the training length; tune to the time budget).")
+    steps: int = option(750, "Optimizer steps (the training length; ~8 min on 2 idle cores).")
     max_minutes: float = option(0.0, "Optional cap on training minutes (0 = none); a capped "
                                      "model is weaker than its config says (run.json tells).")
     batch_size: int = option(64, "Transcripts per optimizer step.")
@@ -143,7 +144,7 @@ def assistant_segments(solution: str, answer: str, rng: random.Random,
                        config: ToyBaseConfig) -> list[tuple[str, bool]]:
     """The assistant turn as (text, kind) pieces, kind "ok", "error" (a wrong step or run of
     steps) or "phrase" (a retry phrase), with a self-correction at the set rate.
-    Both kinds redo the solution from the first wrong step, done right."""
+    An immediate correction redoes the wrong step; a late one redoes from `config.redo_from`."""
     from backtrack.tasks.arith import parse_step
 
     lines = solution.splitlines()
