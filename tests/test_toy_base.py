@@ -12,7 +12,7 @@ from backtrack.errors import UserError
 from backtrack.tasks import get_task
 from backtrack.tasks.arith import apply_op, parse_step
 from backtrack.toy_base import (RETRY_PHRASES, ToyBaseConfig, TranscriptDataset, build_corpus,
-                                config_hash, loss_kinds, main,
+                                config_hash, corpus_problems, loss_kinds, main,
                                 train_tokenizer)
 
 TINY = dict(threads=1, layers=1, hidden=32, heads=2, intermediate=64, steps=40, batch_size=16, lr=1e-2,
@@ -146,9 +146,28 @@ def test_late_corrections_can_redo_from_the_start():
     corpus = build_corpus(task, config, 200)
     restarts = 0
     for (_messages, segments), problem in zip(corpus, itertools.islice(
-            task.iter_problems("train"), 200)):
+            corpus_problems(task), 200)):
         texts = [t for t, _ in segments]
         i = next(i for i, t in enumerate(texts) if t.strip() in RETRY_PHRASES)
         if "".join(texts[i + 2:-1]) == problem.solution + "\n":
             restarts += 1
     assert restarts > 180  # all but the rare slips that fall back to an immediate fix
+
+
+def test_corpus_never_holds_the_problems_the_pipeline_samples():
+    """The sample stage draws from the train split: those problems must be new to the base
+    model in any wording, as test problems are."""
+    task = get_task("arith", {"steps": 2, "train_size": 300})
+    sampled = {p.solution for p in task.problems("train")}
+    corpus_solutions = [p.solution for p in itertools.islice(corpus_problems(task), 3000)]
+    assert not sampled & set(corpus_solutions)
+    # Without the exclusion the stream would hold them (2-step chains repeat often).
+    stream = [p.solution for p in itertools.islice(task.iter_problems("train"), 3000)]
+    assert sampled & set(stream)
+
+
+def test_corpus_refuses_a_train_split_that_covers_every_problem():
+    task = get_task("arith", {"steps": 1, "max_start": 3, "max_operand": 2, "ops": "+",
+                              "train_size": 5, "test_size": 1})
+    with pytest.raises(UserError, match="lower train_size"):
+        next(corpus_problems(task))

@@ -93,7 +93,7 @@ class ToyBaseConfig(CommonConfig):
 
 
 # Bump when the corpus or training code changes what a config produces (old caches then miss).
-CORPUS_VERSION = 2
+CORPUS_VERSION = 3
 
 
 def config_hash(config: ToyBaseConfig) -> str:
@@ -199,9 +199,29 @@ def render_example(tokenizer, messages: list[dict], segments: list[tuple[str, st
     return full, spans
 
 
+def corpus_problems(task):
+    """The task's train stream minus every chain of its train split (`task.problems("train")`).
+
+    The pipeline samples, backtracks and fine-tunes on that split, so the base model must not
+    have seen those problems, in any wording: they are as new to it as the test split, which
+    the train stream never holds. (A solution fixes the chain: start value and steps.)
+    """
+    held_out = {problem.solution for problem in task.problems("train")}
+    misses = 0
+    for problem in task.iter_problems("train"):
+        if problem.solution not in held_out:
+            misses = 0
+            yield problem
+            continue
+        misses += 1
+        if misses > 100_000:
+            raise UserError("toy_base: the task's train split holds nearly every possible "
+                            "problem, so none is left for the corpus; lower train_size")
+
+
 def build_corpus(task, config: ToyBaseConfig, size: int) -> list[tuple[str, list]]:
     rng = random.Random(f"toy-corpus:{config.seed}")
-    stream = task.iter_problems("train")
+    stream = corpus_problems(task)
     corpus = []
     for _ in range(size):
         problem = next(stream)
