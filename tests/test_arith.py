@@ -24,7 +24,8 @@ def test_generator_is_deterministic_for_a_seed():
 
 
 def test_train_and_test_never_share_a_problem_or_a_chain():
-    task = get_task("arith", {"steps": 2, "max_start": 6, "max_operand": 4, "test_size": 100})
+    task = get_task("arith", {"steps": 2, "max_start": 6, "max_operand": 4, "test_size": 100,
+                              "train_size": 3000})
     test = task.problems("test")
     train = task.problems("train", 3000)
     assert len(test) == 100 and len(train) == 3000
@@ -38,6 +39,14 @@ def test_test_split_is_fixed_and_limit_takes_a_prefix():
     assert task.problems("test", 10) == task.problems("test")[:10]
     assert len(task.problems("test")) == 40
     assert len(get_task("arith", {"train_size": 7}).problems("train")) == 7
+
+
+def test_train_split_has_train_size_problems_and_the_limit_option_caps_both_splits():
+    task = get_task("arith", {"train_size": 7})
+    assert task.problems("train", 50) == task.problems("train")  # the toy corpus skips only 7
+    assert task.problems("train", 3) == task.problems("train")[:3]
+    capped = get_task("arith", {"limit": 5})
+    assert len(capped.problems("train")) == len(capped.problems("test")) == 5
 
 
 @pytest.mark.parametrize("options", [{}, {"steps": [1, 4], "ops": "*/", "max_value": 50}])

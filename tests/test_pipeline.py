@@ -15,14 +15,15 @@ from conftest import BACKTRACK_CMD
 
 TINY = {
     "task": "arith",
-    "task_args": {"steps": 1, "max_start": 5, "max_operand": 5, "ops": "+", "test_size": 8,
-                  "train_size": 32},
+    # 1-step sums: 14 chains in the train split, 49 left for the toy corpus.
+    "task_args": {"steps": 1, "max_start": 9, "max_operand": 9, "ops": "+", "test_size": 8,
+                  "train_size": 16},
     "model": "toy",
     "output_dir": "runs/never-used",  # overridden on the command line
     "toy_base": {"layers": 1, "hidden": 48, "heads": 2, "intermediate": 96, "vocab_size": 200,
                  "steps": 150, "batch_size": 16, "lr": 0.01, "warmup_steps": 10,
                  "eval_problems": 0, "correction_rate": 0.2, "threads": 1},
-    "sample": {"k": 2, "limit": 32, "max_new_tokens": 40, "progress": False},
+    "sample": {"k": 4, "limit": 16, "max_new_tokens": 40, "progress": False},
     "backtrack": {"max_new_tokens": 32, "progress": False},
     "train": {"max_steps": 2, "per_device_batch_size": 8, "learning_rate": 0.001,
               "save_steps": 100, "logging_steps": 1},

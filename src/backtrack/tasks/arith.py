@@ -2,8 +2,9 @@
 
 A problem is a chain: a person starts with some objects, then a few events change the count
 (+, -, x, exact /). The reference solution writes one step per line (`12 - 3 = 9`). The space
-of problems is unlimited, so train problems are drawn from a seeded stream; the test split is
-a fixed set. Train and test are disjoint by construction: a hash of the arithmetic chain (start
+of problems is unlimited: train problems come from an endless seeded stream, whose first
+`train_size` distinct problems are the train split the pipeline samples from (the toy base's
+corpus is drawn from the rest of the stream); the test split is a fixed set. Train and test are disjoint by construction: a hash of the arithmetic chain (start
 value and operations, not the wording) puts every chain in exactly one split, and each split's
 stream skips the chains of the other, so no test chain is ever seen in training, in any wording.
 """
@@ -162,11 +163,13 @@ class ArithTask(Task):
             index += 1
 
     def problems(self, split: str, limit: int | None = None) -> list[Problem]:
-        """The first `limit` distinct problems of `split` (defaults: test_size / train_size)."""
+        """The first `limit` distinct problems of `split`. Each split holds a fixed number
+        (`test_size`, `train_size`): the train split is what the pipeline samples from, and the
+        toy corpus leaves it out (`toy_base.corpus_problems`), so a larger `limit` is capped."""
         if split not in ("train", "test"):
             raise UserError(f"task 'arith': unknown split '{split}' (train or test)")
         size = self.test_size if split == "test" else self.train_size
-        want = size if split == "test" else (limit or size)
+        want = min(size, limit or size, self.limit or size)
         problems, seen, misses = [], set(), 0
         for problem in self.iter_problems(split):
             if problem.question in seen:
@@ -179,4 +182,4 @@ class ArithTask(Task):
             problems.append(problem)
             if len(problems) >= want:
                 break
-        return problems[:limit] if limit else problems
+        return problems
