@@ -11,9 +11,9 @@ import pytest
 from backtrack.errors import UserError
 from backtrack.tasks import get_task
 from backtrack.tasks.arith import apply_op, parse_step
-from backtrack.toy_base import (RETRY_PHRASES, ToyBaseConfig, TranscriptDataset, build_corpus,
-                                config_hash, corpus_problems, loss_kinds, main,
-                                train_tokenizer)
+from backtrack.toy_base import ToyBaseConfig, config_hash, main, train_tokenizer
+from backtrack.toy_corpus import (RETRY_PHRASES, TranscriptDataset, build_corpus, corpus_problems,
+                                  loss_kinds)
 
 TINY = dict(threads=1, layers=1, hidden=32, heads=2, intermediate=64, steps=40, batch_size=16, lr=1e-2,
             warmup_steps=4, eval_problems=8, task_args={"steps": 2, "test_size": 20})

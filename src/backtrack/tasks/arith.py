@@ -165,7 +165,7 @@ class ArithTask(Task):
     def problems(self, split: str, limit: int | None = None) -> list[Problem]:
         """The first `limit` distinct problems of `split`. Each split holds a fixed number
         (`test_size`, `train_size`): the train split is what the pipeline samples from, and the
-        toy corpus leaves it out (`toy_base.corpus_problems`), so a larger `limit` is capped."""
+        toy corpus leaves it out (`toy_corpus.corpus_problems`), so a larger `limit` is capped."""
         if split not in ("train", "test"):
             raise UserError(f"task 'arith': unknown split '{split}' (train or test)")
         size = self.test_size if split == "test" else self.train_size
