@@ -6,7 +6,7 @@ import pytest
 
 from backtrack.errors import UserError
 from backtrack.tasks import get_task
-from backtrack.tasks.arith import Chain, parse_step
+from backtrack.tasks.arith import Chain, parse_step, valid_step
 
 
 def _chain_key(problem) -> str:
@@ -82,3 +82,11 @@ def test_prompt_and_check():
 def test_bad_options_are_user_errors(options):
     with pytest.raises(UserError):
         get_task("arith", options)
+
+
+def test_valid_step_keeps_counts_whole_and_non_negative():
+    assert valid_step(6, "+", 12) and valid_step(12, "-", 3) and valid_step(12, "/", 3)
+    assert not valid_step(3, "-", 3)        # a count never reaches zero or below
+    assert not valid_step(10, "/", 3)       # division is exact
+    assert not valid_step(10, "*", 1)       # x1 and /1 are no steps
+    assert not valid_step(10, "+", 0)

@@ -35,15 +35,14 @@ def _wrong_step(a: int, op: str, b: int, c: int, rng: random.Random,
                 config: ToyBaseConfig) -> tuple[int, int]:
     """A plausible wrong (operand, result) for the step `a op b = c`: either the result is off
     by a small amount (`6 + 12 = 15`) or an operand is misread and the step computed from it."""
-    from backtrack.tasks.arith import apply_op
+    from backtrack.tasks.arith import apply_op, valid_step
 
     kind = rng.choice(config.slip_kinds)
     while True:
         delta = rng.choice([-1, 1]) * rng.randint(1, max(1, config.max_slip))
         if kind == "operand":
             wrong_b = b + (delta if op in "+-" else (1 if delta > 0 else -1))
-            if wrong_b >= (1 if op in "+-" else 2) and not (op == "/" and a % wrong_b) \
-                    and not (op == "-" and wrong_b >= a):
+            if valid_step(a, op, wrong_b):
                 return wrong_b, apply_op(a, op, wrong_b)
             kind = "result"  # no valid misread operand here
         elif c + delta >= 0:
@@ -52,11 +51,11 @@ def _wrong_step(a: int, op: str, b: int, c: int, rng: random.Random,
 
 def _run_on(start: int, ops, first: int) -> list[str] | None:
     """Steps `first..` recomputed from a wrong `start`; None if a step becomes invalid."""
-    from backtrack.tasks.arith import apply_op
+    from backtrack.tasks.arith import apply_op, valid_step
 
     lines, x = [], start
     for op, k in ops[first:]:
-        if (op == "/" and x % k) or (op == "-" and k >= x):
+        if not valid_step(x, op, k):
             return None
         y = apply_op(x, op, k)
         lines.append(f"{x} {op} {k} = {y}")

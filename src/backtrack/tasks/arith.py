@@ -1,12 +1,13 @@
 """The toy world's task: seeded multi-step arithmetic word problems.
 
-A problem is a chain: a person starts with some objects, then a few events change the count
-(+, -, x, exact /). The reference solution writes one step per line (`12 - 3 = 9`). The space
-of problems is unlimited: train problems come from an endless seeded stream, whose first
+A problem is a chain: a person starts with some objects, then a few events change the count (+,
+-, x, exact /). The reference solution writes one step per line (`12 - 3 = 9`). The space of
+problems is unlimited: train problems come from an endless seeded stream, whose first
 `train_size` distinct problems are the train split the pipeline samples from (the toy base's
-corpus is drawn from the rest of the stream); the test split is a fixed set. Train and test are disjoint by construction: a hash of the arithmetic chain (start
-value and operations, not the wording) puts every chain in exactly one split, and each split's
-stream skips the chains of the other, so no test chain is ever seen in training, in any wording.
+corpus is drawn from the rest of the stream); the test split is a fixed set. Train and test are
+disjoint by construction: a hash of the arithmetic chain (start value and operations, not the
+wording) puts every chain in exactly one split, and each split's stream skips the chains of the
+other, so no test chain is ever seen in training, in any wording.
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ EVENTS = {
 QUESTION = "How many {obj} does {name} have now?"
 STEP_RE = re.compile(r"^(-?\d+) ([-+*/]) (-?\d+) = (-?\d+)$")
 TEST_BUCKET_PERCENT = 10  # share of all chains that belong to the test split
+
+
+def valid_step(x: int, op: str, k: int) -> bool:
+    """Whether `x op k` stays in the task's world: counts never go below zero, division is
+    exact, and operands are at least 1 (at least 2 for x and /)."""
+    return k >= (1 if op in "+-" else 2) and not (op == "-" and k >= x) \
+        and not (op == "/" and x % k)
 
 
 def apply_op(x: int, op: str, k: int) -> int:
@@ -130,7 +138,7 @@ class ArithTask(Task):
             for _attempt in range(20 * n_steps):
                 op = rng.choice(self.ops)
                 k = rng.randint(1, self.max_operand) if op in "+-" else rng.randint(2, self.max_factor)
-                if (op == "-" and k >= x) or (op == "/" and x % k) or apply_op(x, op, k) > self.max_value:
+                if not valid_step(x, op, k) or apply_op(x, op, k) > self.max_value:
                     continue
                 ops.append((op, k))
                 x = apply_op(x, op, k)
