@@ -17,9 +17,9 @@ from pathlib import Path
 from backtrack.config import CommonConfig, option
 from backtrack.engines import ENGINES, GenerationParams, derive_seed
 from backtrack.errors import UserError
+from backtrack.formats import PHRASE_PRESETS as PRESETS
+from backtrack.formats import cut_point, insertion  # noqa: F401  (re-exported)
 
-PRESETS = {"mild": "Wait, that's not right...", "strong": "Wait, that's definitely wrong..."}
-THINK_CLOSE = "</think>"
 BACKTRACK_KEY = ("problem_id", "sample_idx", "continuation_idx")
 _PRESET_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
 
@@ -72,32 +72,6 @@ def resolve_phrases(spec: list | str) -> list[str]:
             raise UserError("option 'phrase': a phrase must not be empty")
         phrases.append(item)
     return phrases
-
-
-def cut_point(text: str, finish_reason: str) -> int:
-    """Where a wrong trace is cut: before its last `</think>`; else, if generation was
-    truncated, after its last complete line; else before the final answer statement (at the end
-    when there is none). Spaces before a tag or answer go with the cut-off part, so the kept
-    text ends where a token ends and the phrase starts a fresh token."""
-    close = text.rfind(THINK_CLOSE)
-    if close < 0 and finish_reason == "length":
-        return text.rfind("\n") + 1
-    if close >= 0:
-        cut = close
-    else:
-        from backtrack.checking import final_answer_span
-
-        span = final_answer_span(text)
-        cut = span[0] if span else len(text)
-    while cut > 0 and text[cut - 1] in " \t":
-        cut -= 1
-    return cut
-
-
-def insertion(prefix: str, phrase: str) -> str:
-    """The text inserted after the cut: the phrase, on a new line unless the prefix already
-    ends in whitespace (or is empty), so it reads as the model's next thought."""
-    return phrase if not prefix or prefix[-1].isspace() else "\n" + phrase
 
 
 def choose_phrase(phrases: list[str], problem_id: str, sample_idx: int,

@@ -30,7 +30,6 @@ from backtrack.answer_values import (
     LEAD_RE, NUMBER_RE, WORD_RE, canonical, eval_arithmetic, latex_number, latex_parse,
     math_verify_timeout, parse_number, strip_latex, surface,
 )
-from backtrack.tasks import CheckResult
 
 _ANSWER_RE = re.compile(
     r"(?<![\w])(?:(?:final|correct|right)\s+)?answer"
@@ -55,6 +54,12 @@ _BOLD_RE = re.compile(r"\*\*(?:[A-Za-z ]{1,20}:\s*)?([^*\n]{1,40})\*\*")
 _FOLLOW_RE = re.compile(r"[ \t]*(?:[-+*/×÷^=]|\\times|\\cdot|x[ \t]*\$?\d)")
 _EXPRESSION_RE = re.compile(r"[-+*/×÷x\d.,()$ ]+")
 _SENTENCE_END_RE = re.compile(r"[.!?](?=\s)|\n")
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    extracted: str | None  # the final answer found in the completion, or None
+    correct: bool
 
 
 @dataclass(frozen=True)

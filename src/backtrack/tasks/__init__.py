@@ -8,6 +8,7 @@ and the answer check used as the reward. Stages only talk to tasks through this 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from backtrack.checking import CheckResult  # noqa: F401  (part of the Task API)
 from backtrack.errors import UserError
 
 SYSTEM_PROMPT = (
@@ -22,12 +23,6 @@ class Problem:
     question: str
     answer: str  # normalised gold value, e.g. "18" or "-3/4"
     solution: str | None = None  # reference solution, if the task has one
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    extracted: str | None  # the final answer found in the completion, or None
-    correct: bool
 
 
 class Task:
