@@ -1,7 +1,9 @@
 """Run metadata: every stage writes `run.json` beside its outputs.
 
 It records what is needed to reproduce or audit a stage: the resolved config, the seed, the
-versions of the packages that shape results, the git commit and hashes of the input files.
+versions of the packages that shape results, the machine (CPU model and torch's CPU kernels: a
+tiny model trained on two CPUs can land elsewhere from floating-point differences alone), the git
+commit and hashes of the input files.
 """
 
 from __future__ import annotations
@@ -32,6 +34,35 @@ def package_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return versions
+
+
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("model name", "Model", "cpu model") and value.strip():
+            return value.strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, torch's CPU kernel level (e.g. AVX2, AVX512) and threads, GPUs."""
+    import torch
+
+    info: dict[str, Any] = {
+        "cpu_model": cpu_model(), "cpu_cores": os.cpu_count(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(), "gpus": None,
+    }
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        info["cuda"] = torch.version.cuda
+    return info
 
 
 def git_commit() -> str | None:
@@ -81,6 +112,7 @@ def write_run_info(
         "config": resolved,
         "seed": resolved.get("seed"),
         "versions": package_versions(),
+        "machine": machine_info(),
         "git_commit": git_commit(),
         "input_hashes": {str(p): hash_path(p) for p in inputs},
         "command": sys.argv,
