@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import signal
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
+import yaml
+from conftest import BACKTRACK_CMD
 
 from backtrack.errors import UserError
 from backtrack.tasks import get_task
 from backtrack.tasks.arith import apply_op, parse_step
-from backtrack.toy_base import ToyBaseConfig, config_hash, main, train_tokenizer
+from backtrack.toy_base import ToyBaseConfig, config_hash, main, resume_point, train_tokenizer
 from backtrack.toy_corpus import (RETRY_PHRASES, TranscriptDataset, build_corpus, corpus_problems,
                                   loss_kinds)
 
@@ -171,3 +177,66 @@ def test_corpus_refuses_a_train_split_that_covers_every_problem():
                               "train_size": 5, "test_size": 1})
     with pytest.raises(UserError, match="lower train_size"):
         next(corpus_problems(task))
+
+
+def _run_killed_after_first_checkpoint(recipe, cache, env) -> None:
+    """Start `backtrack toy-base`, SIGKILL it once a complete checkpoint is on disk."""
+    proc = subprocess.Popen(BACKTRACK_CMD + ["toy-base", "-c", str(recipe)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not list((cache / "toy").glob("*.work/trainer/checkpoint-*/trainer_state.json")):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.time() < deadline, "no checkpoint written"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_resumes_and_ends_at_the_uninterrupted_weights(tmp_path, monkeypatch,
+                                                                          cli_env):
+    from safetensors.torch import load_file
+
+    settings = {**TINY, "steps": 30, "eval_problems": 0}
+    monkeypatch.setenv("BACKTRACK_CACHE", str(tmp_path / "whole"))
+    whole = main(ToyBaseConfig(output_dir=str(tmp_path / "run0"), save_minutes=0.0, **settings))
+
+    cache = tmp_path / "killed"
+    shared = {k: settings.pop(k) for k in ("task_args",)}
+    recipe = tmp_path / "toy.yaml"
+    recipe.write_text(yaml.safe_dump({**shared, "output_dir": str(tmp_path / "run"), "toy_base": {
+        **settings, "save_minutes": 0.0005}}))  # a checkpoint every few steps
+    env = {**cli_env, "BACKTRACK_CACHE": str(cache)}
+    _run_killed_after_first_checkpoint(recipe, cache, env)
+    assert not (cache / "toy" / whole.name / "config.json").exists()
+    done = subprocess.run(BACKTRACK_CMD + ["toy-base", "-c", str(recipe)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    info = json.loads((tmp_path / "run" / "toy_base" / "run.json").read_text())
+    first = info["resumed_from_step"]
+    assert info["model_dir"] == str(cache / "toy" / whole.name)  # same config hash
+    assert 0 < first < 30 and info["steps_this_run"] == 30 - first and info["steps_done"] == 30
+    assert [step for step, _loss in info["losses"]] == list(range(1, 31))  # history kept
+    assert not list((cache / "toy").glob("*.work"))  # work folder removed once saved
+    expected, resumed = (load_file(d / "model.safetensors") for d in (whole, Path(info["model_dir"])))
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        assert (expected[name] == resumed[name]).all(), name  # bitwise: same machine, 1 thread
+
+
+def test_resume_point_skips_torn_checkpoints_and_drops_another_corpus(tmp_path):
+    work = tmp_path / "abc.work"
+    for step, state in ((4, "{}"), (8, "{}"), (12, '{"global_st')):  # 12: killed while saving
+        (work / "trainer" / f"checkpoint-{step}").mkdir(parents=True)
+        (work / "trainer" / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    (work / "identity.json").write_text(json.dumps({"corpus": "c1", "tokenizer": "t1"}))
+    assert resume_point(work, {"corpus": "c1", "tokenizer": "t1"}) == (
+        work / "trainer" / "checkpoint-8")
+    assert not (work / "trainer" / "checkpoint-12").exists()
+    assert resume_point(work, {"corpus": "c2", "tokenizer": "t1"}) is None
+    assert not (work / "trainer").exists()
+    assert json.loads((work / "identity.json").read_text()) == {"corpus": "c2", "tokenizer": "t1"}

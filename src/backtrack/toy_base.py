@@ -3,11 +3,14 @@
 The corpus (`toy_corpus.py`) is chat transcripts of arith train problems, a configurable share
 of them with a natural self-correction. The model is saved as a plain HF folder in
 `$BACKTRACK_CACHE/toy/<config-hash>/`, reused when present, and `<output_dir>/toy_base/run.json`
-records it as `model_dir`.
+records it as `model_dir`. While it trains, Trainer checkpoints go to `<config-hash>.work/` every
+`save_minutes`; a killed run resumes from the last complete one (same corpus and tokenizer:
+both are rebuilt from the seed and checked against the ones the checkpoints were made with).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -26,7 +29,7 @@ from backtrack.toy_corpus import RETRY_PHRASES, TranscriptDataset, build_corpus,
 log = logging.getLogger(__name__)
 
 # Fields that do not change the trained model (so not part of the cache key).
-NOT_HASHED = ("output_dir", "model", "max_minutes", "eval_problems", "threads")
+NOT_HASHED = ("output_dir", "model", "max_minutes", "eval_problems", "threads", "save_minutes")
 
 
 @dataclass
@@ -59,6 +62,8 @@ class ToyBaseConfig(CommonConfig):
     loss_on_phrases: bool = option(False, "Also train on retry phrases (the base model then "
                                           "says them unprompted, often at the wrong place).")
     threads: int = option(0, "CPU threads for torch; 0 = all cores.")
+    save_minutes: float = option(2.0, "Write a resumable checkpoint every N minutes of training "
+                                      "(0 = never); a re-run after a kill resumes from it.")
     eval_problems: int = option(64, "Test problems for the greedy accuracy logged at the end.")
 
     def validate(self) -> None:
@@ -154,8 +159,10 @@ def _time_cap_callback(max_minutes: float):
     return TimeCap()
 
 
-def train(model, tokenizer, corpus, config: ToyBaseConfig, work_dir: Path) -> dict:
-    """Run the HF Trainer; return the loss history and timing."""
+def train(model, tokenizer, corpus, config: ToyBaseConfig, work_dir: Path,
+          resume_from: Path | None = None) -> dict:
+    """Run the HF Trainer (from `resume_from`, a checkpoint, if given); return the loss history,
+    timing and the steps this run did."""
     import torch
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
@@ -165,19 +172,88 @@ def train(model, tokenizer, corpus, config: ToyBaseConfig, work_dir: Path) -> di
         output_dir=str(work_dir / "trainer"), per_device_train_batch_size=config.batch_size,
         max_steps=config.steps, learning_rate=config.lr, lr_scheduler_type="cosine",
         warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
-        logging_steps=max(1, config.steps // 50), save_strategy="no", report_to=[],
+        logging_steps=max(1, config.steps // 50), save_strategy="no", save_total_limit=1,
+        report_to=[],
         use_cpu=True, seed=config.seed, dataloader_num_workers=0, disable_tqdm=True)
     trainer = Trainer(
         model=model, args=args,
         train_dataset=TranscriptDataset(tokenizer, corpus, loss_kinds(config)),
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-        callbacks=[_time_cap_callback(config.max_minutes)] if config.max_minutes > 0 else [])
+        callbacks=([_time_cap_callback(config.max_minutes)] if config.max_minutes > 0 else [])
+        + ([_periodic_save_callback(config.save_minutes)] if config.save_minutes > 0 else []))
     start = time.monotonic()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     tokenizer.padding_side = "left"
     losses = [(e["step"], round(e["loss"], 4)) for e in trainer.state.log_history if "loss" in e]
+    first = int(resume_from.name.split("-")[1]) if resume_from else 0
     return {"train_seconds": round(time.monotonic() - start, 1), "losses": losses,
-            "steps_done": trainer.state.global_step}
+            "steps_done": trainer.state.global_step,
+            "resumed_from_step": first, "steps_this_run": trainer.state.global_step - first}
+
+
+def _identity(corpus, tokenizer) -> dict:
+    """Hashes of the corpus and tokenizer: a checkpoint only fits the ones it was trained on."""
+    def digest(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    return {"corpus": digest(json.dumps(corpus)),
+            "tokenizer": digest(tokenizer.backend_tokenizer.to_str())}
+
+
+def resume_point(work: Path, identity: dict) -> Path | None:
+    """The last complete checkpoint in `work` made with this corpus and tokenizer, or None.
+
+    Checkpoints of another corpus or tokenizer (code changed in between) are removed, as are
+    half-written ones (a kill while saving)."""
+    from backtrack.fileio import read_json, write_json
+    from backtrack.train import complete_checkpoints
+
+    previous = read_json(work / "identity.json")
+    if previous is not None and previous != identity:
+        log.warning("toy-base: corpus or tokenizer differ from the interrupted run's; "
+                    "starting over")
+        shutil.rmtree(work)
+    write_json(work / "identity.json", identity)
+    complete, incomplete = complete_checkpoints(work / "trainer")
+    for path in incomplete:
+        shutil.rmtree(path, ignore_errors=True)
+    if complete:
+        log.info("toy-base: resuming from %s", complete[-1])
+    return complete[-1] if complete else None
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path):
+    """Hold an exclusive lock: two runs of one config must not train into one work folder
+    (the second waits, then finds the model cached). No lock where fcntl is missing."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def train_and_save(task, config: ToyBaseConfig, model_dir: Path) -> dict:
+    """Train (resuming from the work folder's last checkpoint), save to `model_dir`."""
+    from backtrack.fileio import write_text
+
+    work = model_dir.with_name(model_dir.name + ".work")
+    size = config.corpus_size or config.steps * config.batch_size
+    corpus = build_corpus(task, config, size)
+    tokenizer = train_tokenizer(task, corpus, config.vocab_size)
+    resume_from = resume_point(work, _identity(corpus, tokenizer))
+    model = build_model(tokenizer, config)
+    extra = train(model, tokenizer, corpus, config, work, resume_from)
+    extra["parameters"] = sum(p.numel() for p in model.parameters())
+    _save(model, tokenizer, model_dir)
+    extra["greedy_accuracy"] = greedy_accuracy(model_dir, task, config.eval_problems)
+    write_text(model_dir / "toy_base.json", json.dumps(extra, indent=1) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    return extra
 
 
 def greedy_accuracy(model_dir: Path, task, n: int) -> float | None:
@@ -198,6 +274,24 @@ def greedy_accuracy(model_dir: Path, task, n: int) -> float | None:
         out = model.generate(**batch, do_sample=False, max_new_tokens=256)
     texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     return sum(task.check(t, p.answer).correct for t, p in zip(texts, problems)) / len(problems)
+
+
+def _periodic_save_callback(minutes: float):
+    from transformers import TrainerCallback
+
+    class SaveEvery(TrainerCallback):
+        """Asks Trainer for a checkpoint every `minutes` of training (Trainer saves only by
+        steps or epochs; time suits a model whose step time varies with the machine)."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if time.monotonic() - self.last > 60 * minutes and state.global_step < state.max_steps:
+                control.should_save = True
+                self.last = time.monotonic()
+
+    return SaveEvery()
 
 
 def _save(model, tokenizer, target: Path) -> None:
@@ -222,25 +316,18 @@ def main(config: ToyBaseConfig) -> Path:
                         f"(only generated tasks such as 'arith' can)")
     model_dir = cache_root() / "toy" / config_hash(config)
     extra: dict = {"model_dir": str(model_dir)}
-    if (model_dir / "config.json").is_file():
-        log.info("toy-base: cached model at %s", model_dir)
-        info = model_dir / "toy_base.json"
-        extra.update(json.loads(info.read_text()) if info.is_file() else {})
-        extra["cached"] = True
-        if extra.get("steps_done", config.steps) < config.steps:
-            log.warning("toy-base: the cached model stopped at step %s of %s (time cap)",
-                        extra["steps_done"], config.steps)
-    else:
-        size = config.corpus_size or config.steps * config.batch_size
-        corpus = build_corpus(task, config, size)
-        tokenizer = train_tokenizer(task, corpus, config.vocab_size)
-        model = build_model(tokenizer, config)
-        with tempfile.TemporaryDirectory() as work:
-            extra.update(train(model, tokenizer, corpus, config, Path(work)))
-        extra["parameters"] = sum(p.numel() for p in model.parameters())
-        _save(model, tokenizer, model_dir)
-        extra["greedy_accuracy"] = greedy_accuracy(model_dir, task, config.eval_problems)
-        (model_dir / "toy_base.json").write_text(json.dumps(extra, indent=1) + "\n")
+    with _exclusive(model_dir.with_name(model_dir.name + ".lock")):
+        if (model_dir / "config.json").is_file():
+            log.info("toy-base: cached model at %s", model_dir)
+            info = model_dir / "toy_base.json"
+            extra.update(json.loads(info.read_text()) if info.is_file() else {})
+            extra["cached"] = True
+            if extra.get("steps_done", config.steps) < config.steps:
+                log.warning("toy-base: the cached model stopped at step %s of %s (time cap)",
+                            extra["steps_done"], config.steps)
+            shutil.rmtree(model_dir.with_name(model_dir.name + ".work"), ignore_errors=True)
+        else:
+            extra.update(train_and_save(task, config, model_dir))
     out = Path(config.output_dir) / "toy_base"
     write_run_info(out, config, "toy-base", extra=extra)
     print(f"toy-base: model in {model_dir}")
