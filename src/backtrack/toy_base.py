@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 # Fields that do not change the trained model (so not part of the cache key).
 NOT_HASHED = ("output_dir", "model", "max_minutes", "eval_problems", "threads", "save_minutes")
+# Fields added after models were cached: part of the key only when not at their default, so
+# the caches of configs that leave them alone stay valid.
+HASHED_IF_SET = ("pack_length",)
 
 
 @dataclass
@@ -62,6 +65,9 @@ class ToyBaseConfig(CommonConfig):
     loss_on_phrases: bool = option(False, "Also train on retry phrases (the base model then "
                                           "says them unprompted, often at the wrong place).")
     threads: int = option(0, "CPU threads for torch; 0 = all cores.")
+    pack_length: int = option(0, "Pack each batch's transcripts into rows of this many tokens "
+                                 "(no padding; attention stays within a transcript); 0 = pad "
+                                 "each batch to its longest transcript.")
     save_minutes: float = option(2.0, "Write a resumable checkpoint every N minutes of training "
                                       "(0 = never); a re-run after a kill resumes from it.")
     eval_problems: int = option(64, "Test problems for the greedy accuracy logged at the end.")
@@ -86,7 +92,9 @@ CORPUS_VERSION = 3
 
 
 def config_hash(config: ToyBaseConfig) -> str:
-    values = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_HASHED}
+    defaults = ToyBaseConfig()
+    values = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_HASHED
+              and not (k in HASHED_IF_SET and v == getattr(defaults, k))}
     values["corpus_version"] = CORPUS_VERSION
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -159,28 +167,38 @@ def _time_cap_callback(max_minutes: float):
     return TimeCap()
 
 
+def make_trainer(model, tokenizer, corpus, config: ToyBaseConfig, work_dir: Path,
+                 **training_args):
+    """The HF Trainer for the toy base (`training_args` override TrainingArguments: the
+    benchmark tries levers with them)."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from backtrack.toy_packing import PackingCollator
+
+    torch.set_num_threads(config.threads or max(1, min(os.cpu_count() or 1, 8)))
+    tokenizer.padding_side = "right"  # training pads on the right; generation on the left
+    args = TrainingArguments(**{
+        "output_dir": str(work_dir / "trainer"), "per_device_train_batch_size": config.batch_size,
+        "max_steps": config.steps, "learning_rate": config.lr, "lr_scheduler_type": "cosine",
+        "warmup_steps": config.warmup_steps, "weight_decay": config.weight_decay,
+        "logging_steps": max(1, config.steps // 50), "save_strategy": "no",
+        "save_total_limit": 1, "report_to": [], "use_cpu": True, "seed": config.seed,
+        "dataloader_num_workers": 0, "disable_tqdm": True, **training_args})
+    collator = (PackingCollator(tokenizer.pad_token_id, config.pack_length) if config.pack_length
+                else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+    return Trainer(
+        model=model, args=args, data_collator=collator,
+        train_dataset=TranscriptDataset(tokenizer, corpus, loss_kinds(config)),
+        callbacks=([_time_cap_callback(config.max_minutes)] if config.max_minutes > 0 else [])
+        + ([_periodic_save_callback(config.save_minutes)] if config.save_minutes > 0 else []))
+
+
 def train(model, tokenizer, corpus, config: ToyBaseConfig, work_dir: Path,
           resume_from: Path | None = None) -> dict:
     """Run the HF Trainer (from `resume_from`, a checkpoint, if given); return the loss history,
     timing and the steps this run did."""
-    import torch
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
-
-    torch.set_num_threads(config.threads or max(1, min(os.cpu_count() or 1, 8)))
-    tokenizer.padding_side = "right"  # training pads on the right; generation on the left
-    args = TrainingArguments(
-        output_dir=str(work_dir / "trainer"), per_device_train_batch_size=config.batch_size,
-        max_steps=config.steps, learning_rate=config.lr, lr_scheduler_type="cosine",
-        warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
-        logging_steps=max(1, config.steps // 50), save_strategy="no", save_total_limit=1,
-        report_to=[],
-        use_cpu=True, seed=config.seed, dataloader_num_workers=0, disable_tqdm=True)
-    trainer = Trainer(
-        model=model, args=args,
-        train_dataset=TranscriptDataset(tokenizer, corpus, loss_kinds(config)),
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-        callbacks=([_time_cap_callback(config.max_minutes)] if config.max_minutes > 0 else [])
-        + ([_periodic_save_callback(config.save_minutes)] if config.save_minutes > 0 else []))
+    trainer = make_trainer(model, tokenizer, corpus, config, work_dir)
     start = time.monotonic()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     tokenizer.padding_side = "left"

@@ -1,0 +1,227 @@
+"""Toy-base training speed against this machine's matmul speed, and what each speed lever gives.
+
+Prints, from one run: the achieved training FLOP/s of `backtrack toy-base` (the real default
+config and code path: corpus, tokenizer, HF Trainer; timed over steps `--warmup`..`--steps`),
+this machine's fp32 matmul FLOP/s on large matrices (2048^3) and on the model's own shapes, and
+the ratios. Model FLOPs per token follow PaLM's count: 6 x matmul parameters (lm_head included)
++ 12 x layers x hidden x context (attention scores and values), on real tokens only; "computed"
+FLOPs count what the kernels do, padding included. With `--levers`, each lever runs in its own
+process, one at a time, and is compared with the baseline by tokens/s (real tokens per second).
+
+    python benchmarks/toy_base.py                      # baseline and matmul figures
+    python benchmarks/toy_base.py --levers all         # every lever, 40 steps each
+    python benchmarks/toy_base.py --levers pack256,compile --steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# name: (ToyBaseConfig overrides, TrainingArguments overrides)
+LEVERS = {
+    "baseline": ({}, {}),
+    "pack256": ({"pack_length": 256}, {}),
+    "pack384": ({"pack_length": 384}, {}),
+    "batch32": ({"batch_size": 32}, {}),
+    "batch128": ({"batch_size": 128}, {}),
+    "compile": ({}, {"torch_compile": True}),
+    "adamw_loop": ({}, {"optim": "adamw_torch"}),  # transformers' default here is fused
+    "threads1": ({"threads": 1}, {}),
+    "bf16": ({}, {"bf16": True}),
+}
+
+
+def flops_per_token(model_config, context: int) -> float:
+    """Training FLOPs for one token with `context` tokens of attention (PaLM's formula)."""
+    d, layers = model_config.hidden_size, model_config.num_hidden_layers
+    kv = model_config.num_key_value_heads * (d // model_config.num_attention_heads)
+    per_layer = d * d * 2 + d * kv * 2 + 3 * d * model_config.intermediate_size
+    matmul_params = layers * per_layer + d * model_config.vocab_size
+    return 6 * matmul_params + 12 * layers * d * context
+
+
+class CountingCollator:
+    """Wraps the trainer's collator; records real and computed tokens and FLOPs per batch."""
+
+    def __init__(self, collator, model_config):
+        self.collator, self.model_config, self.batches = collator, model_config, []
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        rows, width = batch["input_ids"].shape
+        lengths = [len(f["input_ids"]) for f in features]
+        self.batches.append({
+            "real_tokens": sum(lengths), "computed_tokens": rows * width,
+            "model_flops": sum(n * flops_per_token(self.model_config, n) for n in lengths),
+            "computed_flops": rows * width * flops_per_token(self.model_config, width)})
+        return batch
+
+
+def step_timer(warmup: int, steps: int):
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        """Times steps warmup+1..steps (end to end: batch, forward, backward, optimizer)."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == warmup:
+                self.start, self.cpu = time.perf_counter(), time.process_time()
+            if state.global_step == steps:
+                self.seconds = time.perf_counter() - self.start
+                self.cpu_seconds = time.process_time() - self.cpu
+                control.should_training_stop = True
+
+    return StepTimer()
+
+
+def measure_training(lever: str, steps: int, warmup: int) -> dict:
+    """Train the default toy base for `steps` steps with one lever set; time the later ones."""
+    from backtrack.tasks import get_task
+    from backtrack.toy_base import (ToyBaseConfig, build_corpus, build_model, make_trainer,
+                                    train_tokenizer)
+
+    overrides, training_args = LEVERS[lever]
+    config = ToyBaseConfig(save_minutes=0.0, eval_problems=0, **overrides)
+    task = get_task(config.task, config.task_args)
+    corpus = build_corpus(task, config, config.corpus_size or config.steps * config.batch_size)
+    tokenizer = train_tokenizer(task, corpus, config.vocab_size)
+    model = build_model(tokenizer, config)
+    with tempfile.TemporaryDirectory() as work:
+        trainer = make_trainer(model, tokenizer, corpus, config, Path(work), **training_args)
+        counter = CountingCollator(trainer.data_collator, model.config)
+        trainer.data_collator = counter
+        timer = step_timer(warmup, steps)
+        trainer.add_callback(timer)
+        trainer.train()
+    timed = counter.batches[warmup:steps]
+    total = {k: sum(b[k] for b in timed) for k in timed[0]}
+    import torch
+    return {"lever": lever, "threads": torch.get_num_threads(), "seconds": timer.seconds,
+            "cpu_seconds": timer.cpu_seconds, **total,
+            "tokens_per_s": total["real_tokens"] / timer.seconds,
+            "model_flops_per_s": total["model_flops"] / timer.seconds,
+            "computed_flops_per_s": total["computed_flops"] / timer.seconds,
+            "mean_real_length": total["real_tokens"] / (len(timed) * config.batch_size),
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def matmul_flops(m: int, k: int, n: int, seconds: float = 1.0) -> float:
+    """fp32 FLOP/s of an (m x k) @ (k x n) product: the best of repeated timings."""
+    import torch
+
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    out = torch.empty(m, n)
+    torch.mm(a, b, out=out)
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2 * m * k * n / best
+
+
+def measure_matmul(rows: int) -> dict:
+    """Large-matrix FLOP/s, and FLOP/s over one training step's matmul shapes of the default
+    model (forward, input gradient, weight gradient; FLOP-weighted) with `rows` tokens."""
+    import torch
+
+    from backtrack.toy_base import ToyBaseConfig
+
+    config = ToyBaseConfig()
+    torch.set_num_threads(config.threads or max(1, min(os.cpu_count() or 1, 8)))
+    d, inner, vocab = config.hidden, config.intermediate, config.vocab_size
+    layer = [(d, d)] * 4 + [(d, inner)] * 2 + [(inner, d)]
+    shapes = layer * config.layers + [(d, vocab)]
+    flops = seconds = 0.0
+    for k, n in set(shapes):
+        count = shapes.count((k, n))
+        for m, kk, nn in ((rows, k, n), (rows, n, k), (k, rows, n)):  # fwd, grad in, grad w
+            work = 2 * m * kk * nn * count
+            flops += work
+            seconds += work / matmul_flops(m, kk, nn, seconds=0.5)
+    return {"large_flops_per_s": matmul_flops(2048, 2048, 2048, seconds=3.0),
+            "model_shapes_flops_per_s": flops / seconds, "rows": rows,
+            "threads": torch.get_num_threads()}
+
+
+def child(args) -> dict:
+    if args.child == "matmul":
+        return measure_matmul(args.rows)
+    return measure_training(args.child, args.steps, args.warmup)
+
+
+def run_child(what: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", what, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--rows", str(args.rows)]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        sys.exit(f"{what} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def cpu_name() -> str:
+    from backtrack.runinfo import cpu_model
+
+    return cpu_model()
+
+
+def print_report(matmul: dict, results: list[dict]) -> None:
+    g = 1e9
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
+    print(f"fp32 matmul, {matmul['threads']} threads: 2048^3 {matmul['large_flops_per_s'] / g:.1f}"
+          f" GFLOP/s; model shapes ({matmul['rows']} rows) "
+          f"{matmul['model_shapes_flops_per_s'] / g:.1f} GFLOP/s")
+    base = results[0]
+    print(f"{'lever':<11} {'tok/s':>7} {'x base':>7} {'model GF/s':>10} {'% large':>7} "
+          f"{'% shapes':>8} {'computed GF/s':>13} {'real/computed tok':>17}")
+    for r in results:
+        model = r["model_flops_per_s"]
+        print(f"{r['lever']:<11} {r['tokens_per_s']:>7.0f} "
+              f"{r['tokens_per_s'] / base['tokens_per_s']:>7.2f} {model / g:>10.1f} "
+              f"{100 * model / matmul['large_flops_per_s']:>6.1f}% "
+              f"{100 * model / matmul['model_shapes_flops_per_s']:>7.1f}% "
+              f"{r['computed_flops_per_s'] / g:>13.1f} "
+              f"{r['real_tokens'] / r['computed_tokens']:>17.2f}")
+    print(f"baseline: {base['parameters']:,} parameters, mean transcript "
+          f"{base['mean_real_length']:.1f} tokens, {base['seconds'] / base['steps_timed']:.2f} s/step")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40, help="training steps per run")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed first steps")
+    parser.add_argument("--levers", default="", help="comma-separated, or 'all'")
+    parser.add_argument("--rows", type=int, default=64 * 144,
+                        help="tokens per matmul for the model-shape figure (batch x padded length)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        result = child(args)
+        result["steps_timed"] = args.steps - args.warmup
+        print(json.dumps(result))
+        return
+    names = list(LEVERS) if args.levers == "all" else ["baseline"] + [
+        n for n in args.levers.split(",") if n and n != "baseline"]
+    unknown = set(names) - set(LEVERS)
+    if unknown:
+        sys.exit(f"unknown levers {sorted(unknown)}; known: {', '.join(LEVERS)}")
+    matmul = run_child("matmul", args)
+    results = []
+    for name in names:  # one at a time: the cores are shared
+        results.append(run_child(name, args))
+        print(f"  {name}: {results[-1]['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
+    print_report(matmul, results)
+
+
+if __name__ == "__main__":
+    main()
