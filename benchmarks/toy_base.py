@@ -6,7 +6,8 @@ this machine's fp32 matmul FLOP/s on large matrices (2048^3) and on the model's 
 the ratios. Model FLOPs per token follow PaLM's count: 6 x matmul parameters (lm_head included)
 + 12 x layers x hidden x context (attention scores and values), on real tokens only; "computed"
 FLOPs count what the kernels do, padding included. With `--levers`, each lever runs in its own
-process, one at a time, and is compared with the baseline by tokens/s (real tokens per second).
+process, one at a time, and is compared with the baseline by tokens/s (real tokens per second)
+and by tokens per CPU-second of the process (steadier when other jobs share the cores).
 
     python benchmarks/toy_base.py                      # baseline and matmul figures
     python benchmarks/toy_base.py --levers all         # every lever, 40 steps each
@@ -33,7 +34,9 @@ LEVERS = {
     "pack384": ({"pack_length": 384}, {}),
     "batch32": ({"batch_size": 32}, {}),
     "batch128": ({"batch_size": 128}, {}),
-    "compile": ({}, {"torch_compile": True}),
+    "compile": ({"torch_compile": True}, {}),
+    "pack256+compile": ({"pack_length": 256, "torch_compile": True}, {}),
+    "batch128+compile": ({"batch_size": 128, "torch_compile": True}, {}),
     "adamw_loop": ({}, {"optim": "adamw_torch"}),  # transformers' default here is fused
     "threads1": ({"threads": 1}, {}),
     "bf16": ({}, {"bf16": True}),
@@ -83,14 +86,15 @@ def step_timer(warmup: int, steps: int):
     return StepTimer()
 
 
-def measure_training(lever: str, steps: int, warmup: int) -> dict:
+def measure_training(lever: str, steps: int, warmup: int, threads: int) -> dict:
     """Train the default toy base for `steps` steps with one lever set; time the later ones."""
     from backtrack.tasks import get_task
     from backtrack.toy_base import (ToyBaseConfig, build_corpus, build_model, make_trainer,
                                     train_tokenizer)
 
     overrides, training_args = LEVERS[lever]
-    config = ToyBaseConfig(save_minutes=0.0, eval_problems=0, **overrides)
+    config = ToyBaseConfig(**{"save_minutes": 0.0, "eval_problems": 0,
+                              **({"threads": threads} if threads else {}), **overrides})
     task = get_task(config.task, config.task_args)
     corpus = build_corpus(task, config, config.corpus_size or config.steps * config.batch_size)
     tokenizer = train_tokenizer(task, corpus, config.vocab_size)
@@ -129,7 +133,7 @@ def matmul_flops(m: int, k: int, n: int, seconds: float = 1.0) -> float:
     return 2 * m * k * n / best
 
 
-def measure_matmul(rows: int) -> dict:
+def measure_matmul(rows: int, threads: int) -> dict:
     """Large-matrix FLOP/s, and FLOP/s over one training step's matmul shapes of the default
     model (forward, input gradient, weight gradient; FLOP-weighted) with `rows` tokens."""
     import torch
@@ -137,7 +141,7 @@ def measure_matmul(rows: int) -> dict:
     from backtrack.toy_base import ToyBaseConfig
 
     config = ToyBaseConfig()
-    torch.set_num_threads(config.threads or max(1, min(os.cpu_count() or 1, 8)))
+    torch.set_num_threads(threads or config.threads or max(1, min(os.cpu_count() or 1, 8)))
     d, inner, vocab = config.hidden, config.intermediate, config.vocab_size
     layer = [(d, d)] * 4 + [(d, inner)] * 2 + [(inner, d)]
     shapes = layer * config.layers + [(d, vocab)]
@@ -155,13 +159,13 @@ def measure_matmul(rows: int) -> dict:
 
 def child(args) -> dict:
     if args.child == "matmul":
-        return measure_matmul(args.rows)
-    return measure_training(args.child, args.steps, args.warmup)
+        return measure_matmul(args.rows, args.threads)
+    return measure_training(args.child, args.steps, args.warmup, args.threads)
 
 
 def run_child(what: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", what, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--rows", str(args.rows)]
+           "--warmup", str(args.warmup), "--rows", str(args.rows), "--threads", str(args.threads)]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
@@ -182,12 +186,14 @@ def print_report(matmul: dict, results: list[dict]) -> None:
           f" GFLOP/s; model shapes ({matmul['rows']} rows) "
           f"{matmul['model_shapes_flops_per_s'] / g:.1f} GFLOP/s")
     base = results[0]
-    print(f"{'lever':<11} {'tok/s':>7} {'x base':>7} {'model GF/s':>10} {'% large':>7} "
-          f"{'% shapes':>8} {'computed GF/s':>13} {'real/computed tok':>17}")
+    print(f"{'lever':<16} {'tok/s':>7} {'x base':>7} {'x base cpu':>10} {'model GF/s':>10} "
+          f"{'% large':>7} {'% shapes':>8} {'computed GF/s':>13} {'real/computed tok':>17}")
+    per_cpu = base["real_tokens"] / base["cpu_seconds"]
     for r in results:
         model = r["model_flops_per_s"]
-        print(f"{r['lever']:<11} {r['tokens_per_s']:>7.0f} "
-              f"{r['tokens_per_s'] / base['tokens_per_s']:>7.2f} {model / g:>10.1f} "
+        print(f"{r['lever']:<16} {r['tokens_per_s']:>7.0f} "
+              f"{r['tokens_per_s'] / base['tokens_per_s']:>7.2f} "
+              f"{r['real_tokens'] / r['cpu_seconds'] / per_cpu:>10.2f} {model / g:>10.1f} "
               f"{100 * model / matmul['large_flops_per_s']:>6.1f}% "
               f"{100 * model / matmul['model_shapes_flops_per_s']:>7.1f}% "
               f"{r['computed_flops_per_s'] / g:>13.1f} "
@@ -203,6 +209,9 @@ def main() -> None:
     parser.add_argument("--levers", default="", help="comma-separated, or 'all'")
     parser.add_argument("--rows", type=int, default=64 * 144,
                         help="tokens per matmul for the model-shape figure (batch x padded length)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads for every run (0: the config's default)")
+    parser.add_argument("--json", help="also write every figure to this file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -221,6 +230,8 @@ def main() -> None:
         results.append(run_child(name, args))
         print(f"  {name}: {results[-1]['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
     print_report(matmul, results)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"matmul": matmul, "levers": results}, indent=1))
 
 
 if __name__ == "__main__":

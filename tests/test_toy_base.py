@@ -96,6 +96,14 @@ def test_config_hash_ignores_output_dir_only():
     assert config_hash(base) != config_hash(ToyBaseConfig(task_args={"steps": 2}))
 
 
+def test_later_fields_enter_the_hash_only_when_set():
+    """Caches made before pack_length/torch_compile existed stay valid for configs without them."""
+    base = ToyBaseConfig()
+    assert config_hash(ToyBaseConfig(save_minutes=0.5, threads=1)) == config_hash(base)
+    for field, value in (("pack_length", 256), ("torch_compile", True)):
+        assert config_hash(ToyBaseConfig(**{field: value})) != config_hash(base)
+
+
 @pytest.mark.parametrize("bad", [dict(correction_rate=1.5), dict(hidden=30, heads=4),
                                  dict(steps=0), dict(retry_phrases=[])])
 def test_bad_config_is_a_user_error(bad):

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 NOT_HASHED = ("output_dir", "model", "max_minutes", "eval_problems", "threads", "save_minutes")
 # Fields added after models were cached: part of the key only when not at their default, so
 # the caches of configs that leave them alone stay valid.
-HASHED_IF_SET = ("pack_length",)
+HASHED_IF_SET = ("pack_length", "torch_compile")
 
 
 @dataclass
@@ -68,6 +68,8 @@ class ToyBaseConfig(CommonConfig):
     pack_length: int = option(0, "Pack each batch's transcripts into rows of this many tokens "
                                  "(no padding; attention stays within a transcript); 0 = pad "
                                  "each batch to its longest transcript.")
+    torch_compile: bool = option(False, "Compile the model with torch.compile (inductor; the first "
+                                        "steps wait for the compiler).")
     save_minutes: float = option(2.0, "Write a resumable checkpoint every N minutes of training "
                                       "(0 = never); a re-run after a kill resumes from it.")
     eval_problems: int = option(64, "Test problems for the greedy accuracy logged at the end.")
@@ -184,7 +186,8 @@ def make_trainer(model, tokenizer, corpus, config: ToyBaseConfig, work_dir: Path
         "warmup_steps": config.warmup_steps, "weight_decay": config.weight_decay,
         "logging_steps": max(1, config.steps // 50), "save_strategy": "no",
         "save_total_limit": 1, "report_to": [], "use_cpu": True, "seed": config.seed,
-        "dataloader_num_workers": 0, "disable_tqdm": True, **training_args})
+        "dataloader_num_workers": 0, "disable_tqdm": True, "torch_compile": config.torch_compile,
+        **training_args})
     collator = (PackingCollator(tokenizer.pad_token_id, config.pack_length) if config.pack_length
                 else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
     return Trainer(
