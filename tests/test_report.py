@@ -83,10 +83,10 @@ def test_load_loss_accepts_log_history_and_lists(tmp_path):
 def test_verdict_says_plainly_whether_rft_bt_beats_rft():
     row = {"arm": "rft_bt", "reference": "rft", "metric": "pass@1", "diff": 0.1,
            "significant": True}
-    assert "It beats it: significantly better on pass@1" in report.verdict([row])
+    assert "It beats it: significantly better on pass@1" in report.verdict([row], "rft_bt", "rft")
     flat = {**row, "metric": "pass@16", "diff": 0.01, "significant": False}
     assert "does not clearly beat it: no significant difference on pass@16" in \
-        report.verdict([flat])
+        report.verdict([flat], "rft_bt", "rft")
     worse = {**row, "diff": -0.1}
-    assert "does not clearly beat" in report.verdict([worse, flat])
-    assert "not both evaluated" in report.verdict([])
+    assert "does not clearly beat" in report.verdict([worse, flat], "rft_bt", "rft")
+    assert "not both evaluated" in report.verdict([], "rft_bt", "rft")

@@ -14,32 +14,28 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from backtrack.config import CommonConfig, option
-from backtrack.engines import ENGINES, GenerationParams, derive_seed
+from backtrack.config import option, store_values
+from backtrack.engines import GenerationParams, derive_seed
 from backtrack.errors import UserError
 from backtrack.formats import PHRASE_PRESETS as PRESETS
-from backtrack.formats import cut_point, insertion  # noqa: F401  (re-exported)
+from backtrack.formats import cut_point, insertion
+from backtrack.generation import GenerationConfig, timed_generate
+from backtrack.layout import RunLayout
 
 BACKTRACK_KEY = ("problem_id", "sample_idx", "continuation_idx")
 _PRESET_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
 
 
 @dataclass
-class BacktrackConfig(CommonConfig):
+class BacktrackConfig(GenerationConfig):
     """Cut wrong samples, append a phrase, continue, and check the continuation."""
 
     phrase: list = option(["mild"], "Phrase preset (mild, strong) or custom text; a list is "
                           "spread over traces by a stable hash. A lowercase word names a preset.")
     rounds: int = option(1, "Times a still-wrong continuation is cut and sent back (R).")
-    continuations: int = option(1, "Continuations per wrong sample (m).")
-    temperature: float = option(0.8, "Sampling temperature of continuations.")
-    top_p: float = option(1.0, "Nucleus sampling threshold.")
-    max_new_tokens: int = option(256, "Maximum new tokens per continuation.")
-    batch_size: int = option(16, "Wrong samples per engine call; records are saved after each.")
-    engine: str = option("hf", "Generation engine.", choices=ENGINES)
-    engine_args: dict = option({}, "Engine options (see `backtrack sample --help`).")
-    shard: str = option("0/1", "i/N: this process handles shard i of N of the problems.")
-    progress: bool = option(True, "Show a progress bar.")
+    continuations: int = option(1, "Continuations per wrong sample (m).", in_store=False)
+    shard: str = option("0/1", "i/N: this process handles shard i of N of the problems.",
+                        in_store=False)
 
     def validate(self) -> None:
         from backtrack.store import parse_shard
@@ -48,8 +44,11 @@ class BacktrackConfig(CommonConfig):
         resolve_phrases(self.phrase)
         if self.rounds < 1 or self.continuations < 1 or self.batch_size < 1:
             raise UserError("options 'rounds', 'continuations' and 'batch_size' must be >= 1")
-        GenerationParams(n=self.continuations, temperature=self.temperature, top_p=self.top_p,
-                         max_new_tokens=self.max_new_tokens).validate()
+        self.generation_params(self.continuations).validate()
+
+
+def outputs(config: BacktrackConfig) -> list[Path]:
+    return [RunLayout.of(config).backtrack]
 
 
 # ------------------------------------------------------------------ cutting and phrases
@@ -122,8 +121,6 @@ def backtrack_round(engine, task, chains: list[Chain], phrases: list[str], round
     Identical continuation prompts (e.g. the m continuations of one trace) go to the engine as
     one prompt with n samples, so they share its prefill.
     """
-    from backtrack.sample import timed_generate
-
     requests: dict[str, list] = {}
     for chain in chains:
         prefix = chain.text[:cut_point(chain.text, chain.finish_reason)]
@@ -165,12 +162,9 @@ def run_chains(engine, task, chains: list[Chain], phrases: list[str], rounds: in
 
 
 def backtrack_fingerprint(config: BacktrackConfig, samples_fingerprint) -> dict:
-    """Fields that change what a record holds (not m, batching, engine or shard)."""
-    return {"stage": "backtrack", "model": config.model, "task": config.task,
-            "task_args": config.task_args, "seed": config.seed,
-            "phrases": resolve_phrases(config.phrase), "rounds": config.rounds,
-            "temperature": config.temperature, "top_p": config.top_p,
-            "max_new_tokens": config.max_new_tokens, "samples": samples_fingerprint}
+    """What shapes a record, and the samples it continues."""
+    return {"stage": "backtrack", **store_values(config),
+            "phrase": resolve_phrases(config.phrase), "samples": samples_fingerprint}
 
 
 def summarize_backtrack(records: list[dict], wrong_samples: int) -> dict:
@@ -193,12 +187,13 @@ def summarize_backtrack(records: list[dict], wrong_samples: int) -> dict:
 def main(config: BacktrackConfig) -> dict:
     from backtrack.models import resolve_model_path
     from backtrack.runinfo import write_run_info
-    from backtrack.sample import RunStats, open_engine, progress_bar, write_json
+    from backtrack.fileio import write_json
+    from backtrack.generation import RunStats, open_engine, progress_bar
     from backtrack.store import RecordStore, parse_shard, shard_of
     from backtrack.tasks import get_task
 
-    samples_dir = Path(config.output_dir) / "samples"
-    out_dir = Path(config.output_dir) / "backtrack"
+    layout = RunLayout.of(config)
+    samples_dir, out_dir = layout.samples, layout.backtrack
     samples = RecordStore.read(samples_dir)
     index, count = parse_shard(config.shard)
     all_wrong = [r for r in samples.records() if r.get("round", 0) == 0 and not r["correct"]]
@@ -216,8 +211,7 @@ def main(config: BacktrackConfig) -> dict:
                (Chain.start(r, j) for j in range(config.continuations)) if c.key() not in done]
               for i in range(0, len(wrong), config.batch_size)]
     chunks = [chunk for chunk in chunks if chunk]
-    params = GenerationParams(n=1, temperature=config.temperature, top_p=config.top_p,
-                              max_new_tokens=config.max_new_tokens, seed=config.seed)
+    params = config.generation_params(1)
     engine = open_engine(config, model_path) if chunks else None
     stats = RunStats()
     try:

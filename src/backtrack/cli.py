@@ -37,7 +37,8 @@ STAGES = [
     ("report", "backtrack.report", "ReportConfig", "report",
      "Write report.md, plots and results.json from the evaluation outputs."),
     ("run", "backtrack.pipeline", "RunConfig", "run",
-     "The whole experiment: toy base, sample, backtrack, build, train, eval, report."),
+     "The whole experiment for the recipe's arms: toy base, sample, backtrack, build, train, "
+     "eval, report."),
     ("check", "backtrack.check", "CheckConfig", None,
      "Score completions in a JSONL file against gold answers."),
 ]
@@ -73,8 +74,9 @@ def _make_command(module_name: str, class_name: str, section: str | None):
     def command(**kwargs):
         recipe = kwargs.pop("config")
         overrides = {k: v for k, v in kwargs.items() if v is not None}
-        if recipe is not None and "recipe" in hints:  # `run` resolves each stage from it
-            overrides.setdefault("recipe", str(recipe))
+        if hasattr(module, "run_recipe"):  # `run` resolves every step from the recipe itself
+            module.run_recipe(str(recipe) if recipe is not None else None, overrides)
+            return
         config = load_config(config_cls, recipe, section, overrides)
         module.main(config)
 
@@ -85,6 +87,19 @@ def _make_command(module_name: str, class_name: str, section: str | None):
 
 for _name, _module, _cls, _section, _help in STAGES:
     app.command(_name, help=_help)(_make_command(_module, _cls, _section))
+
+
+@app.command("arms")
+def list_arms() -> None:
+    """List the arms (methods) and evaluation protocols."""
+    from backtrack.arms import describe
+    from backtrack.protocols import PROTOCOLS
+
+    for line in describe():
+        typer.echo(line)
+    typer.echo("\nprotocols (evaluate any arm under one with arm@protocol):")
+    for name, protocol in PROTOCOLS.items():
+        typer.echo(f"  {name:14s} {protocol.summary}")
 
 
 @app.command("tasks")

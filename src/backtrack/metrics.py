@@ -13,7 +13,9 @@ Conventions (documented because results depend on them):
   one backtrack, "Wait, that's not right... Hmm, let me check that again." is two.
 - The first answer of a trace is the answer stated in the text before its first backtrack
   (the last number of that text when no answer marker is present); without a backtrack, the
-  first answer is the final answer.
+  first answer is the final answer. Under the two_attempt protocol it is attempt 1, checked
+  when it was generated (`attempt1_correct`), so acc_first / acc_final / delta_* are SCoRe's
+  Acc@t1 / Acc@t2 / Δi→c / Δc→i, and delta_t1_t2 = Acc@t2 - Acc@t1.
 """
 
 from __future__ import annotations
@@ -186,6 +188,9 @@ def _self_correction(group: list[dict], pattern: str, check_first: Callable | No
     for record in group:
         text = record.get("completion") or ""
         counts.append(count_backtracks(text, pattern))
+        if "attempt1_correct" in record:  # two_attempt protocol: attempt 1 was checked
+            first_ok.append(bool(record["attempt1_correct"]))
+            continue
         first = first_attempt_text(text, pattern)
         if first is None or check_first is None:
             first_ok.append(bool(record["correct"]))
@@ -235,6 +240,7 @@ def problem_metrics(groups: dict[str, list[dict]], ks: Sequence[int],
         add("acc_final", correct.sum(), n)
         add("delta_i2c", (~first_ok & correct).sum(), n)
         add("delta_c2i", (first_ok & ~correct).sum(), n)
+        add("delta_t1_t2", correct.sum() - first_ok.sum(), n)
         add("no_answer_share", sum(a is None for a in answers), n)
         add("truncated_share", sum(r.get("finish_reason") == "length" for r in group), n)
         add("mean_new_tokens", sum(int(r.get("new_tokens") or 0) for r in group), n)

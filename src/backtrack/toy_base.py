@@ -19,19 +19,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from backtrack.config import CommonConfig, option
+from backtrack.config import CommonConfig, hashed_values, option
 from backtrack.errors import UserError
+from backtrack.fileio import cache_root, read_json
+from backtrack.layout import RunLayout
 from backtrack.toy_corpus import RETRY_PHRASES, TranscriptDataset, build_corpus, loss_kinds
 
 log = logging.getLogger(__name__)
 
-# Fields that do not change the trained model (so not part of the cache key).
-NOT_HASHED = ("output_dir", "model", "max_minutes", "eval_problems", "threads")
-
-
 @dataclass
 class ToyBaseConfig(CommonConfig):
-    """Train the toy tokenizer and a tiny Llama from scratch on rendered transcripts."""
+    """Train the toy tokenizer and a tiny Llama from scratch on rendered transcripts.
+
+    The model is cached by a hash of the fields declared `hashed` (see `config.option`)."""
+
+    model: str = option("toy", "Not read by toy-base (it makes the `toy` model).", hashed=False)
 
     layers: int = option(4, "Transformer layers.")
     hidden: int = option(160, "Hidden size.")
@@ -40,7 +42,8 @@ class ToyBaseConfig(CommonConfig):
     vocab_size: int = option(512, "Tokenizer vocabulary size (digits are single tokens).")
     steps: int = option(750, "Optimizer steps (the training length; ~8 min on 2 idle cores).")
     max_minutes: float = option(0.0, "Optional cap on training minutes (0 = none); a capped "
-                                     "model is weaker than its config says (run.json tells).")
+                                     "model is weaker than its config says (run.json tells).",
+                                hashed=False)
     batch_size: int = option(64, "Transcripts per optimizer step.")
     lr: float = option(3e-3, "Peak learning rate (AdamW, warmup then cosine decay).")
     warmup_steps: int = option(100, "Linear warmup steps.")
@@ -58,8 +61,9 @@ class ToyBaseConfig(CommonConfig):
     loss_on_errors: bool = option(False, "Also train on wrong steps (teaches making slips).")
     loss_on_phrases: bool = option(False, "Also train on retry phrases (the base model then "
                                           "says them unprompted, often at the wrong place).")
-    threads: int = option(0, "CPU threads for torch; 0 = all cores.")
-    eval_problems: int = option(64, "Test problems for the greedy accuracy logged at the end.")
+    threads: int = option(0, "CPU threads for torch; 0 = all cores.", hashed=False)
+    eval_problems: int = option(64, "Test problems for the greedy accuracy logged at the end.",
+                                hashed=False)
 
     def validate(self) -> None:
         for name in ("correction_rate", "late_share"):
@@ -81,14 +85,18 @@ CORPUS_VERSION = 3
 
 
 def config_hash(config: ToyBaseConfig) -> str:
-    values = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_HASHED}
-    values["corpus_version"] = CORPUS_VERSION
+    values = {**hashed_values(config), "corpus_version": CORPUS_VERSION}
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("BACKTRACK_CACHE", Path.home() / ".cache" / "backtrack"))
+def outputs(config: ToyBaseConfig) -> list[Path]:
+    return [RunLayout.of(config).toy_base]
 
+
+def done(config: ToyBaseConfig) -> bool:
+    """Done while the cached model that toy_base/run.json names is still there."""
+    info = read_json(RunLayout.of(config).toy_base / "run.json") or {}
+    return (Path(info.get("model_dir", "/nonexistent")) / "config.json").is_file()
 
 
 
@@ -241,7 +249,7 @@ def main(config: ToyBaseConfig) -> Path:
         _save(model, tokenizer, model_dir)
         extra["greedy_accuracy"] = greedy_accuracy(model_dir, task, config.eval_problems)
         (model_dir / "toy_base.json").write_text(json.dumps(extra, indent=1) + "\n")
-    out = Path(config.output_dir) / "toy_base"
+    out = RunLayout.of(config).toy_base
     write_run_info(out, config, "toy-base", extra=extra)
     print(f"toy-base: model in {model_dir}")
     return model_dir
