@@ -67,10 +67,8 @@ def per_problem(summary: dict, metric: str) -> dict[str, float]:
 
 def _counts(n_boot: int, size: int, rng: np.random.Generator) -> np.ndarray:
     """How often each of `size` items is drawn in each of `n_boot` resamples with replacement."""
-    draws = rng.integers(0, size, size=(n_boot, size))
-    counts = np.zeros((n_boot, size))
-    np.add.at(counts, (np.arange(n_boot)[:, None], draws), 1)
-    return counts
+    draws = rng.integers(0, size, size=(n_boot, size)) + size * np.arange(n_boot)[:, None]
+    return np.bincount(draws.ravel(), minlength=n_boot * size).reshape(n_boot, size).astype(float)
 
 
 def hierarchical_replicates(matrix: np.ndarray, n_boot: int = 2000, seed: int = 0) -> np.ndarray:
