@@ -156,18 +156,25 @@ def read_recipe(path: str | Path | None) -> dict:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from exc
+    check_recipe(data, str(path))
+    return data
+
+
+def check_recipe(data: Any, source: str) -> None:
+    """Refuse a recipe mapping with unknown top-level keys or a section that is no mapping.
+
+    Section keys are checked when a stage resolves its config (`resolve`)."""
     if not isinstance(data, dict):
-        raise UserError(f"{path}: a recipe must be a mapping of keys to values")
+        raise UserError(f"{source}: a recipe must be a mapping of keys to values")
     common = {f.name for f in dataclasses.fields(CommonConfig)}
     for key, value in data.items():
         if key in STAGE_SECTIONS:
             if value is not None and not isinstance(value, dict):
-                raise UserError(f"{path}: section '{key}' must be a mapping")
+                raise UserError(f"{source}: section '{key}' must be a mapping")
         elif key not in common and key not in RUN_KEYS and key != "run":
-            raise UserError(f"{path}: unknown key '{key}' (shared keys: "
+            raise UserError(f"{source}: unknown key '{key}' (shared keys: "
                             f"{sorted(common) + list(RUN_KEYS)}; "
                             f"sections: {list(STAGE_SECTIONS)})")
-    return data
 
 
 def resolve(cls: type, recipe: dict, section: str | None, overrides: dict | None = None,
