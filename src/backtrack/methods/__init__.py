@@ -1,0 +1,1 @@
+"""Method families (one module per family), wired into the pipeline by `backtrack.arms`."""
