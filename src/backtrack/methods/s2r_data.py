@@ -196,7 +196,8 @@ def task_verifier(task, problems, config: S2RDataConfig) -> Verifier:
 
 
 def collect_attempts(samples: list[dict], backtracks: list[dict], use_backtracks: bool,
-                     where: str) -> tuple[dict[str, list[Attempt]], dict[str, float], dict]:
+                     where: str, backtrack_where: str
+                     ) -> tuple[dict[str, list[Attempt]], dict[str, float], dict]:
     """Distinct attempts per problem, the model's sample accuracy per problem, and prompts."""
     pools: dict[str, list[Attempt]] = {}
     seen: set[tuple[str, str]] = set()
@@ -208,7 +209,8 @@ def collect_attempts(samples: list[dict], backtracks: list[dict], use_backtracks
             seen.add((pid, text.strip()))
             pools.setdefault(pid, []).append(Attempt(text, correct, source))
 
-    for record in sorted(samples, key=lambda r: (str(r.get("problem_id")), r.get("sample_idx", 0))):
+    for record in sorted(samples, key=lambda r: (str(r.get("problem_id")),
+                                                 r.get("sample_idx", 0))):
         _require(record, ("problem_id", "sample_idx", "prompt", "completion", "correct"), where)
         if record.get("round", 0) != 0:
             continue
@@ -219,7 +221,8 @@ def collect_attempts(samples: list[dict], backtracks: list[dict], use_backtracks
         counts[pid][1] += 1
         add(pid, record["completion"], record["correct"] is True, "sample")
     for record in backtracks if use_backtracks else []:
-        found = trace_text(record, where)
+        _require(record, ("problem_id", "prompt", "chain"), backtrack_where)
+        found = trace_text(record, backtrack_where)
         pid = str(record["problem_id"])
         prompts.setdefault(pid, record["prompt"])
         if found is not None:
@@ -293,16 +296,17 @@ def plan_trajectories(kept: dict[str, list[Attempt]], accuracy: dict[str, float]
 
 
 def build_s2r_examples(samples: list[dict], backtracks: list[dict], verify: Verifier,
-                       config: S2RDataConfig, tokenizer=None,
-                       where: str = "samples") -> tuple[list[S2RExample], dict]:
+                       config: S2RDataConfig, tokenizer=None, where: str = "samples",
+                       backtrack_where: str = "backtrack") -> tuple[list[S2RExample], dict]:
     """The `s2r` SFT examples (source "s2r", loss on the whole turn) and their statistics.
 
     `verify(problem_id, attempt_text)` writes a verification (see `task_verifier`); a
-    `tokenizer` is needed only when record prompts are chat message lists.
+    `tokenizer` is needed only when record prompts are chat message lists; `where` and
+    `backtrack_where` name the record folders in errors.
     """
     config.validate()
     pools, accuracy, prompts = collect_attempts(samples, backtracks, config.backtrack_attempts,
-                                                where)
+                                                where, backtrack_where)
     kept, check_stats = check_attempts(pools, verify, config)
     examples, histogram = [], {}
     for pid, attempts in plan_trajectories(kept, accuracy, config):

@@ -114,7 +114,8 @@ def compare_steps(reference: list[tuple], written: list[tuple],
     (reference index = written index + offset): `18 - 3 = 15, not 16` for a wrong result,
     `..., not 17 - 3 = 14` for another operation, `..., missing` where nothing was written;
     written steps beyond the reference come out as `..., not needed`."""
-    extra_before = [(_step_text(*step) + ", not needed", False) for step in written[:max(0, -offset)]]
+    extra_before = [(_step_text(*step) + ", not needed", False)
+                    for step in written[:max(0, -offset)]]
     lines = []
     for i, (a, op, b, c) in enumerate(reference):
         j, line, ok = i - offset, _step_text(a, op, b, c), True
