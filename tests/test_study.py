@@ -84,7 +84,7 @@ def test_study_arms_set_the_eval_arms(tmp_path):
     ("seeds: [0]\nvariants:\n  a: {no_such_key: 1}\n", "variant 'a': unknown key 'no_such_key'"),
     ("seeds: [0]\nvariants:\n  a: {train: {learning_rate: fast}}\n",
      "key 'train.learning_rate': expected a number"),
-    ("seeds: [0]\nvariants:\n  a: {eval: {arms: [oracle]}}\n", "unknown arm(s) ['oracle']"),
+    ("seeds: [0]\nvariants:\n  a: {eval: {arms: [oracle]}}\n", "unknown arm 'oracle'"),
     ("seeds: []\n", "key 'seeds' is empty"),
     ("variants: {a: {}}\n", "key 'seeds' is empty"),
     ("seeds: [1, 1]\n", "lists a seed twice"),

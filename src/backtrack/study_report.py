@@ -20,7 +20,7 @@ import numpy as np
 from backtrack import study_stats
 from backtrack.errors import UserError
 from backtrack.fileio import replace_dir, write_json, write_text
-from backtrack.report import COMPARISONS
+from backtrack.report import comparison_pairs
 from backtrack.study import Run, StudyConfig, study_runs
 
 N_BOOT = 2000
@@ -104,10 +104,10 @@ def budget_grid(found: dict) -> tuple[list[float], str]:
 
 
 def _pairs(found: dict) -> list[tuple[tuple[str, str], tuple[str, str]]]:
-    """Arm pairs within each variant (report.COMPARISONS), then each arm of every other
-    variant against the same arm of the first variant."""
-    pairs = [((v, a), (v, b)) for v, arms in found.items() for a, b in COMPARISONS
-             if a in arms and b in arms]
+    """Arm pairs within each variant (each arm's `compare_with` in the registry), then each
+    arm of every other variant against the same arm of the first variant."""
+    pairs = [((v, a), (v, b)) for v, arms in found.items()
+             for a, b in comparison_pairs(list(arms))]
     first = next(iter(found))
     pairs += [((v, arm), (first, arm)) for v in list(found)[1:] for arm in found[v]
               if arm in found[first]]
