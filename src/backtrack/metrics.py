@@ -249,6 +249,18 @@ def problem_metrics(groups: dict[str, list[dict]], ks: Sequence[int],
     return {"problems": ids, "arrays": arrays, "histogram": dict(sorted(hist.items()))}
 
 
+def with_cis(arrays: dict, n_boot: int, seed: int) -> tuple[dict, dict]:
+    """(metric -> {value, low, high}, metric -> per-problem values) from per-problem
+    (numerator, denominator) arrays; undefined figures (no denominator) are None (JSON null)."""
+    metrics, per_problem = {}, {}
+    for name, (num, den) in arrays.items():
+        point, low, high = bootstrap_ci(num, den, n_boot=n_boot, seed=seed)
+        metrics[name] = {k: None if math.isnan(v) else v
+                         for k, v in (("value", point), ("low", low), ("high", high))}
+        per_problem[name] = [None if d == 0 else float(x / d) for x, d in zip(num, den)]
+    return metrics, per_problem
+
+
 def summarize(records: Iterable[dict], ks: Sequence[int] | None = None,
               pattern: str = DEFAULT_BACKTRACK_PATTERN,
               normalize: Callable[[str], str | None] | None = None,
@@ -265,13 +277,7 @@ def summarize(records: Iterable[dict], ks: Sequence[int] | None = None,
     n_min = min(len(g) for g in groups.values())
     ks = list(ks) if ks else power_of_two_ks(n_min)
     table = problem_metrics(groups, ks, pattern, normalize, check_first, max_subsets, seed)
-    metrics, per_problem = {}, {}
-    for name, (num, den) in table["arrays"].items():
-        point, low, high = bootstrap_ci(num, den, n_boot=n_boot, seed=seed)
-        # undefined (e.g. accuracy of answers that backtracked, when none did) -> null in JSON
-        metrics[name] = {k: None if math.isnan(v) else v
-                         for k, v in (("value", point), ("low", low), ("high", high))}
-        per_problem[name] = [None if d == 0 else float(x / d) for x, d in zip(num, den)]
+    metrics, per_problem = with_cis(table["arrays"], n_boot, seed)
     total = sum(len(g) for g in groups.values())
     return {"problems": len(groups), "samples": total, "samples_per_problem": n_min,
             "ks": ks, "metrics": metrics, "backtrack_histogram": table["histogram"],

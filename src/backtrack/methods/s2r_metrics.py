@@ -21,14 +21,13 @@ intervals come from `metrics.bootstrap_ci` (a bootstrap over problems).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import numpy as np
 
 from backtrack.methods.s2r_data import Cues, parse_trace, parse_verdict
-from backtrack.metrics import bootstrap_ci, group_by_problem
+from backtrack.metrics import group_by_problem, with_cis
 
 
 @dataclass
@@ -120,11 +119,6 @@ def summarize(records: Iterable[dict], check: Callable, cues: Cues = Cues(),
     if not groups:
         raise ValueError("no records to summarise")
     table = problem_metrics(groups, check, cues)
-    metrics, per_problem = {}, {}
-    for name, (num, den) in table["arrays"].items():
-        point, low, high = bootstrap_ci(num, den, n_boot=n_boot, seed=seed)
-        metrics[name] = {k: None if math.isnan(v) else v
-                         for k, v in (("value", point), ("low", low), ("high", high))}
-        per_problem[name] = [None if d == 0 else float(x / d) for x, d in zip(num, den)]
+    metrics, per_problem = with_cis(table["arrays"], n_boot, seed)
     return {"problems": len(groups), "metrics": metrics, "problem_ids": table["problems"],
             "per_problem": per_problem}
