@@ -46,6 +46,8 @@ class BuildConfig(CommonConfig):
         "(as in the seed); `masked_wrong` = the wrong attempt is masked, the phrase, the "
         "continuation and the end-of-turn token carry loss (Physics of LMs 2.2 ablation).",
         choices=("all", "masked_wrong"))
+    s2r: dict = option({}, "S²R data options for the s2r arms (`methods/s2r_data.py` "
+                       "S2RDataConfig), e.g. {right_first_share: 0.5, max_wrong_attempts: 3}.")
 
     def validate(self) -> None:
         if self.max_per_problem < 0:

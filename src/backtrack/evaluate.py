@@ -146,6 +146,7 @@ def evaluate_arm(config: EvalConfig, entry: str) -> dict:
     """Sample (resuming), then write `<output_dir>/eval/<name>/metrics.json`."""
     from backtrack.arms import model_path as arm_model_path
     from backtrack.arms import parse_evaluation
+    from backtrack.protocols import get_protocol
     from backtrack.runinfo import write_run_info
     from backtrack.store import RecordStore
     from backtrack.tasks import get_task
@@ -166,6 +167,11 @@ def evaluate_arm(config: EvalConfig, entry: str) -> dict:
                    and r["sample_idx"] < config.n]
     summary = {"arm": evaluation.name, "protocol": evaluation.protocol,
                "model_path": model_path, **summarize_arm(config, task, records)}
+    extra = get_protocol(evaluation.protocol).extra_metrics
+    if extra is not None:  # a protocol's own figures (e.g. S²R's verdict accuracy)
+        more = extra(records, task, config)
+        summary["metrics"].update(more["metrics"])
+        summary["per_problem"].update(more["per_problem"])
     write_json(folder / "metrics.json", summary, indent=1)
     write_run_info(folder, config, "eval", extra={"arm": evaluation.name,
                                                   "protocol": evaluation.protocol,

@@ -28,6 +28,7 @@ class Protocol:
     summary: str
     wrap: Callable | None = None  # wrap(engine, tokenizer, config, messages_by_prompt) -> engine
     make_record: Callable | None = None  # (task, problem, prompt, idx, completion) -> record
+    extra_metrics: Callable | None = None  # (records, task, config) -> {metrics, per_problem}
 
 
 class BudgetForcingEngine:

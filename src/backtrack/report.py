@@ -27,6 +27,15 @@ from backtrack.metrics import paired_bootstrap
 
 DATA_FILES = {"sample": "samples/summary.json", "backtrack": "backtrack/summary.json",
               "sft": "sft/stats.json"}
+SELF_VERIFY = [
+    ("verdicts_per_answer", "verdicts/answer", False),
+    ("verdict_accuracy", "verdict acc.", True),
+    ("wrong_precision", "'wrong' precision", True),
+    ("wrong_recall", "'wrong' recall", True),
+    ("attempts_per_answer", "attempts/answer", False),
+    ("attempt_delta_i2c", "Δ(i→c)", True),
+    ("attempt_delta_c2i", "Δ(c→i)", True),
+]
 TWO_ATTEMPT = [
     ("acc_first", "Acc@t1", True),
     ("acc_final", "Acc@t2", True),
@@ -229,7 +238,7 @@ def render_markdown(results: dict, plots: list[str]) -> str:
         "stated before the first backtrack, Δ(i→c)/Δ(c→i) are the shares of all answers that "
         "went from wrong to right / right to wrong (SCoRe).", "",
         *_table(arms, SELF_CORRECTION), "",
-        *_two_attempt_lines(arms),
+        *_protocol_lines(arms),
         "## Comparisons", "",
         "Paired bootstrap over problems on the per-problem difference of the metric "
         "(two-sided; significant when the 95 % CI of the mean difference excludes 0).", "",
@@ -243,15 +252,25 @@ def render_markdown(results: dict, plots: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _two_attempt_lines(arms: dict[str, dict]) -> list[str]:
-    """SCoRe's table for the evaluations run under the two_attempt protocol."""
-    two = {name: data for name, data in arms.items() if data.get("protocol") == "two_attempt"}
-    if not two:
-        return []
-    return ["## Two attempts (SCoRe)", "",
-            "Attempt 2 follows attempt 1 (after the phrase or the instruction); Δ(t1,t2) = "
-            "Acc@t2 - Acc@t1; Δ(i→c)/Δ(c→i) are the shares of problems' samples that went "
-            "from wrong to right / right to wrong.", "", *_table(two, TWO_ATTEMPT), ""]
+PROTOCOL_TABLES = {
+    "two_attempt": ("Two attempts (SCoRe)", "Attempt 2 follows attempt 1 (after the phrase or "
+                    "the instruction); Δ(t1,t2) = Acc@t2 - Acc@t1; Δ(i→c)/Δ(c→i) are the "
+                    "shares of samples that went from wrong to right / right to wrong.",
+                    TWO_ATTEMPT),
+    "self_verify": ("Self-verification (S²R)", "Verdicts parsed from each trace, each judged "
+                    "against the checker on the attempt before it; Δ between the first and "
+                    "the last attempt of a trace.", SELF_VERIFY),
+}
+
+
+def _protocol_lines(arms: dict[str, dict]) -> list[str]:
+    """A table per protocol with figures of its own, for the evaluations run under it."""
+    lines = []
+    for protocol, (title, text, columns) in PROTOCOL_TABLES.items():
+        rows = {name: data for name, data in arms.items() if data.get("protocol") == protocol}
+        if rows:
+            lines += [f"## {title}", "", text, "", *_table(rows, columns), ""]
+    return lines
 
 
 def _plot_curves(ax, arms: dict[str, dict], prefix: str) -> None:
