@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from backtrack import compute_matched
 from backtrack.config import CommonConfig, option
 from backtrack.errors import UserError
 from backtrack.evaluate import DEFAULT_ARMS
@@ -239,6 +240,7 @@ def render_markdown(results: dict, plots: list[str]) -> str:
         "went from wrong to right / right to wrong (SCoRe).", "",
         *_table(arms, SELF_CORRECTION), "",
         *_protocol_lines(arms),
+        *compute_matched.markdown(results.get("compute_matched")),
         "## Comparisons", "",
         "Paired bootstrap over problems on the per-problem difference of the metric "
         "(two-sided; significant when the 95 % CI of the mean difference excludes 0).", "",
@@ -305,7 +307,8 @@ def _plot_histogram(ax, arms: dict[str, dict]) -> None:
     ax.legend()
 
 
-def write_plots(folder: Path, arms: dict[str, dict], losses: dict) -> list[str]:
+def write_plots(folder: Path, arms: dict[str, dict], losses: dict,
+                matched: dict | None = None) -> list[str]:
     """PNG plots into `folder`; returns their file names."""
     import matplotlib
 
@@ -313,9 +316,13 @@ def write_plots(folder: Path, arms: dict[str, dict], losses: dict) -> list[str]:
     import matplotlib.pyplot as plt
 
     names = []
-    for name, draw in [("pass_at_k.png", lambda ax: _plot_curves(ax, arms, "pass")),
-                       ("maj_at_k.png", lambda ax: _plot_curves(ax, arms, "maj")),
-                       ("backtracks_hist.png", lambda ax: _plot_histogram(ax, arms))]:
+    drawings = [("pass_at_k.png", lambda ax: _plot_curves(ax, arms, "pass")),
+                ("maj_at_k.png", lambda ax: _plot_curves(ax, arms, "maj")),
+                ("backtracks_hist.png", lambda ax: _plot_histogram(ax, arms))]
+    drawings += [(f"{prefix}_vs_tokens.png",
+                  lambda ax, p=prefix: compute_matched.plot_vs_tokens(ax, matched, p))
+                 for prefix in ("pass", "maj") if matched]
+    for name, draw in drawings:
         fig, ax = plt.subplots(figsize=(6, 4))
         draw(ax)
         fig.tight_layout()
@@ -364,6 +371,7 @@ def main(config: ReportConfig) -> Path:
                  for arm, d in arms.items()},
         "missing_arms": [a for a in config.arms if a not in arms],
         "comparisons": compare(arms, list(config.compare_metrics), config.n_boot, config.seed),
+        "compute_matched": compute_matched.figures(arms),
         "training_loss": {arm: {"steps": s, "loss": v} for arm, (s, v) in losses.items()},
         "data": {name: d for name, d in data.items() if d is not None},
     }
@@ -371,7 +379,7 @@ def main(config: ReportConfig) -> Path:
     tmp = output_dir / f".report.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    plots = write_plots(tmp, results["arms"], losses)
+    plots = write_plots(tmp, results["arms"], losses, results["compute_matched"])
     (tmp / "results.json").write_text(json.dumps(_no_nan(results), indent=2, default=str) + "\n")
     (tmp / "report.md").write_text(render_markdown(results, plots))
     write_run_info(tmp, config, "report",
