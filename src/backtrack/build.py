@@ -48,10 +48,16 @@ class BuildConfig(CommonConfig):
         choices=("all", "masked_wrong"))
     s2r: dict = option({}, "S²R data options for the s2r arms (`methods/s2r_data.py` "
                        "S2RDataConfig), e.g. {right_first_share: 0.5, max_wrong_attempts: 3}.")
+    confirm_share: float = option(
+        0.5, "rft_bt_confirm: share of confirm traces (a right first attempt, the phrase, the "
+        "same answer confirmed) among its examples that carry the phrase; 0.5 = as many as "
+        "wrong-then-right traces (fewer when the backtrack stage kept fewer).")
 
     def validate(self) -> None:
         if self.max_per_problem < 0:
             raise UserError("option 'max_per_problem': must be 0 (no cap) or more")
+        if not 0 <= self.confirm_share < 1:
+            raise UserError("option 'confirm_share': must be at least 0 and below 1")
         sft_arms(self.arms)
 
 
@@ -85,6 +91,15 @@ class BuildContext:
         self.config, self.tokenizer = config, tokenizer
         self.layout = RunLayout.of(config)
         self._cache: dict[str, list[dict]] = {}
+        self._task = None
+
+    def task(self):
+        """The recipe's task (its checker re-checks texts an arm derives from records)."""
+        if self._task is None:
+            from backtrack.tasks import get_task
+
+            self._task = get_task(self.config.task, self.config.task_args)
+        return self._task
 
     def samples(self) -> list[dict]:
         return self._read(self.layout.samples)
@@ -103,7 +118,7 @@ class Example:
     """One SFT example before tokenisation; `loss_from` = first completion char with loss."""
 
     problem_id: str
-    source: str  # "rft" or "bt"
+    source: str  # "rft", "bt" (wrong -> right), "fix" (clean corrected), "confirm" (right -> right)
     prompt: str
     completion: str
     loss_from: int = 0
@@ -195,6 +210,8 @@ def arm_stats(rows: list[dict]) -> dict:
         "examples": len(rows),
         "problems": len({r["problem_id"] for r in rows}),
         "backtracked_share": sum(r["source"] == "bt" for r in rows) / n,
+        "sources": {s: sum(r["source"] == s for r in rows) for s in sorted({r["source"]
+                                                                           for r in rows})},
         "mean_tokens": sum(len(r["input_ids"]) for r in rows) / n,
         "mean_completion_tokens": sum(len(r["input_ids"]) - r["prompt_length"] for r in rows) / n,
         "mean_loss_tokens": sum(sum(r["completion_mask"]) for r in rows) / n,

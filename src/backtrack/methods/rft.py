@@ -38,36 +38,58 @@ def rft_examples(records: list[dict], tokenizer, max_per_problem: int, where: st
     return examples, {"duplicates_dropped": duplicates, "capped": capped}
 
 
+def first_right_step(record: dict, where: str) -> dict | None:
+    """The first round of a backtrack record whose continuation checked right (None if none)."""
+    require_keys(record, ("problem_id", "prompt", "chain"), where)
+    for step in record["chain"]:
+        if step.get("round", 0) >= 1 and step.get("correct") is True:
+            require_keys(step, ("prefix", "phrase", "completion"), where)
+            return step
+    return None
+
+
 def trace_text(record: dict, where: str) -> tuple[str, int] | None:
     """The assistant turn of a wrong-then-right trace and where its wrong part ends.
 
     The first correct round is taken as the model saw it: its `prefix` (the cut wrong text,
     earlier rounds included), then `phrase`, then the model's `completion`.
     """
-    require_keys(record, ("problem_id", "prompt", "chain"), where)
-    for step in record["chain"]:
-        if step.get("round", 0) >= 1 and step.get("correct") is True:
-            require_keys(step, ("prefix", "phrase", "completion"), where)
-            text = step["prefix"] + step["phrase"] + step["completion"]
-            return text, len(step["prefix"])
-    return None
+    step = first_right_step(record, where)
+    if step is None:
+        return None
+    return step["prefix"] + step["phrase"] + step["completion"], len(step["prefix"])
 
 
-def bt_examples(records: list[dict], tokenizer, loss_on: str, where: str):
-    """Every wrong-then-right trace (identical texts once), with the loss start chosen."""
-    examples, seen, duplicates = [], set(), 0
-    for record in sorted(records, key=lambda r: (str(r.get("problem_id")),
-                                                 r.get("sample_idx", 0),
-                                                 r.get("continuation_idx", 0))):
+def record_order(record: dict) -> tuple:
+    return (str(record.get("problem_id")), record.get("sample_idx", 0),
+            record.get("continuation_idx", 0))
+
+
+def unique_traces(records: list[dict], where: str) -> tuple[list[tuple[dict, str, int]], int]:
+    """The wrong-then-right traces rft_bt trains on, in record order: (record, text, wrong
+    end) with identical texts of a problem once; confirm traces (`kind: confirm`, a right first
+    attempt sent through the phrase) are not wrong-then-right and are left out."""
+    kept, seen, duplicates = [], set(), 0
+    for record in sorted(records, key=record_order):
+        if record.get("kind", "wrong") != "wrong":
+            continue
         found = trace_text(record, where)
         if found is None:
             continue
-        text, wrong_end = found
-        key = (str(record["problem_id"]), text.strip())
+        key = (str(record["problem_id"]), found[0].strip())
         if key in seen:
             duplicates += 1
             continue
         seen.add(key)
+        kept.append((record, *found))
+    return kept, duplicates
+
+
+def bt_examples(records: list[dict], tokenizer, loss_on: str, where: str):
+    """Every wrong-then-right trace (identical texts once), with the loss start chosen."""
+    examples = []
+    traces, duplicates = unique_traces(records, where)
+    for record, text, wrong_end in traces:
         prompt = prompt_text(tokenizer, record["prompt"], where)
         loss_from = wrong_end if loss_on == "masked_wrong" else 0
         examples.append(Example(str(record["problem_id"]), "bt", prompt, text, loss_from))
