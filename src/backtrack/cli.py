@@ -34,6 +34,9 @@ STAGES = [
      "Fine-tune the base model on one arm with TRL SFTTrainer (full or LoRA)."),
     ("eval", "backtrack.evaluate", "EvalConfig", "eval",
      "Sample n answers per test problem for each arm; pass@k, maj@k, self-correction stats."),
+    ("probe", "backtrack.probe", "ProbeConfig", "probe",
+     "Linear probe on the model's hidden state where the phrase would go: can it tell its "
+     "right answers from its wrong ones (held-out AUROC)?"),
     ("report", "backtrack.report", "ReportConfig", "report",
      "Write report.md, plots and results.json from the evaluation outputs."),
     ("run", "backtrack.pipeline", "RunConfig", "run",

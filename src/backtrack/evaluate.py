@@ -81,7 +81,7 @@ def eval_dir(config: EvalConfig) -> Path:
     return RunLayout.of(config).eval_root(config.split)
 
 
-def _model_identity(model_path: str) -> str:
+def model_identity(model_path: str) -> str:
     """What tells one trained model from another in the same folder (cheap: no weight hashing).
 
     A fine-tuned folder's run.json (written by `backtrack train`, with its config and time)
@@ -102,7 +102,7 @@ def fingerprint(config: EvalConfig, evaluation, model_path: str) -> dict:
     """What shapes an evaluation's records; a store written with another is refused. Not n
     or limit: raising them only adds the missing samples."""
     return {"arm": evaluation.name, **store_values(config, evaluation.protocol),
-            "model": _model_identity(model_path)}
+            "model": model_identity(model_path)}
 
 
 def sample_evaluation(config: EvalConfig, evaluation, model_path: str, task, problems,

@@ -52,6 +52,9 @@ class RunLayout:
     def evaluation(self, name: str, split: str = "test") -> Path:
         return self.eval_root(split) / name
 
+    def probe(self, arm: str) -> Path:
+        return self.output_dir / "probe" / arm
+
     @property
     def report(self) -> Path:
         return self.output_dir / "report"
