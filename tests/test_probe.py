@@ -94,7 +94,10 @@ def test_probe_stage_on_the_tiny_model(tmp_path, tiny_model_dir, kind):
     from backtrack.models import load_tokenizer
 
     torch.set_num_threads(1)
-    label = (lambda d, rng: d % 2 == 0) if kind == "signal" else (lambda d, rng: rng.random() < .5)
+    if kind == "signal":
+        label = lambda digit, rng: digit % 2 == 0  # noqa: E731
+    else:
+        label = lambda digit, rng: rng.random() < 0.5  # noqa: E731
     _write_samples(tmp_path, load_tokenizer(str(tiny_model_dir)), label)
     result = main(_config(tmp_path, tiny_model_dir))
     saved = json.loads((tmp_path / "probe" / "base" / "metrics.json").read_text())
