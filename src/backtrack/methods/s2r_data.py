@@ -223,6 +223,8 @@ def collect_attempts(samples: list[dict], backtracks: list[dict], use_backtracks
         add(pid, record["completion"], record["correct"] is True, "sample")
     for record in backtracks if use_backtracks else []:
         require_keys(record, ("problem_id", "prompt", "chain"), backtrack_where)
+        if record.get("kind", "wrong") != "wrong":  # confirm traces: no wrong attempt in them
+            continue
         found = trace_text(record, backtrack_where)
         pid = str(record["problem_id"])
         prompts.setdefault(pid, record["prompt"])
