@@ -182,3 +182,20 @@ def test_without_config_the_embedded_toy_recipe_applies():
     effective, recipe, source, shared = pipeline.resolve_run(None, {"seed": 4})
     assert source == str(pipeline.EMBEDDED_RECIPE) and recipe["model"] == "toy"
     assert effective.output_dir == recipe["output_dir"] and shared == {"seed": 4}
+
+
+def test_arms_pass_upstream_options_and_new_default_options_keep_hashes(tmp_path, monkeypatch):
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(yaml.safe_dump({**TINY, "arms": ["rft_bt_confirm", "base"]}))
+    steps = {s.name: s for s in pipeline.plan(*pipeline.resolve_run(str(recipe_path), {}))}
+    assert steps["backtrack"].config.confirm == 1000  # the confirm arm's stage_args
+    recipe_path.write_text(yaml.safe_dump({**TINY, "arms": ["rft_bt_confirm"],
+                                           "backtrack": {**TINY["backtrack"], "confirm": 7}}))
+    steps = {s.name: s for s in pipeline.plan(*pipeline.resolve_run(str(recipe_path), {}))}
+    assert steps["backtrack"].config.confirm == 7  # the recipe's own value wins
+    from backtrack.sample import SampleConfig
+
+    before = pipeline.config_hash(SampleConfig(k=8), [])
+    assert before == pipeline.config_hash(SampleConfig(k=8, progress=False), [])
+    assert before != pipeline.config_hash(SampleConfig(k=8, top_p=0.9), [])
+    assert before == pipeline.config_hash(SampleConfig(k=8, top_p=1.0), [])  # a default

@@ -29,6 +29,9 @@ class Arm:
     build: Callable | None = None  # SFT data: build(context) -> (examples, info); see build.py
     reads: tuple[str, ...] = ()  # stages whose records `build` reads ("sample", "backtrack")
     train_args: dict = field(default_factory=dict)  # fixed options of its training step
+    # options it needs from upstream steps, e.g. {"backtrack": {"confirm": 1000}}; the plan
+    # gives a step the largest value any selected arm asks for (a recipe value wins over it)
+    stage_args: dict = field(default_factory=dict)
     protocol: str = "single"  # how it is evaluated (see protocols.py)
     compare_with: tuple[str, ...] = ()  # arms the report tests it against, headline first
 

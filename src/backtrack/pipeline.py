@@ -119,18 +119,21 @@ def plan(config: RunConfig, recipe: dict, source: str, shared: dict) -> list[Ste
     """The steps of the experiment with configs resolved from the recipe and the registry."""
     from backtrack.arms import model_source, parse_evaluation, required_arms
 
+    evaluations = [parse_evaluation(e) for e in config.arms]
+    arms = required_arms([e.arm.name for e in evaluations])
+
     def cfg(stage, **extra):
         module, cls_name = STAGE_MODULES[stage]
         cls = getattr(importlib.import_module(module), cls_name)
         return resolve(cls, recipe, stage, {**shared, **extra}, source=source or "defaults")
 
+    needed = _stage_args(arms, recipe)
+
     def step(name, stage, deps, **extra):
-        conf = cfg(stage, **extra)
+        conf = cfg(stage, **{**needed.get(stage, {}), **extra})
         return Step(name, stage, conf, getattr(importlib.import_module(
             STAGE_MODULES[stage][0]), "main"), deps)
 
-    evaluations = [parse_evaluation(e) for e in config.arms]
-    arms = required_arms([e.arm.name for e in evaluations])
     data_arms = [a.name for a in arms if a.build is not None]
     reads = {stage for a in arms if a.build is not None for stage in a.reads}
     base = ["toy_base"] if config.model == "toy" else []
@@ -157,6 +160,20 @@ def plan(config: RunConfig, recipe: dict, source: str, shared: dict) -> list[Ste
     steps.append(step("report", "report", [f"eval_{e.name}" for e in evaluations],
                       arms=[e.name for e in evaluations]))
     return steps
+
+
+def _stage_args(arms: list, recipe: dict) -> dict[str, dict]:
+    """Options the selected arms need from upstream steps (largest value wins); what the
+    recipe's own section sets is left to the recipe."""
+    merged: dict[str, dict] = {}
+    for arm in arms:
+        for stage, options in arm.stage_args.items():
+            for key, value in options.items():
+                if key in (recipe.get(stage) or {}):
+                    continue
+                old = merged.setdefault(stage, {}).get(key)
+                merged[stage][key] = value if old is None else max(old, value)
+    return merged
 
 
 def _training_step(config: RunConfig, source: str, shared: dict, step: Callable, arm,
@@ -194,7 +211,11 @@ def _accelerate_launcher(config: RunConfig, source: str, shared: dict,
 
 
 def config_hash(config: Any, dep_hashes: list[str]) -> str:
-    text = json.dumps([hashed_values(config), sorted(dep_hashes)], sort_keys=True, default=str)
+    """A step's hash: its hashed fields that differ from their defaults, and its inputs'
+    hashes. Leaving defaults out means a newly added option does not re-run finished runs."""
+    defaults = hashed_values(type(config)())
+    values = {k: v for k, v in hashed_values(config).items() if defaults.get(k) != v}
+    text = json.dumps([values, sorted(dep_hashes)], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

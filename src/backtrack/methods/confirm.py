@@ -67,4 +67,4 @@ def build_rft_bt_confirm(context) -> tuple[list[Example], dict]:
 
 register(Arm("rft_bt_confirm", "rft_bt plus right -> phrase -> same answer traces (confirm)",
              training="sft", build=build_rft_bt_confirm, reads=("sample", "backtrack"),
-             compare_with=("rft_bt", "rft")))
+             stage_args={"backtrack": {"confirm": 1000}}, compare_with=("rft_bt", "rft")))
