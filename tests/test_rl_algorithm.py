@@ -51,6 +51,7 @@ def test_policy_loss_golden(case):
         logps, tensor("advantages").float(), tensor("mask").float(),
         kl_weights=tensor("kl_weights"), ref_logps=tensor("ref_logps"),
         old_logps=tensor("old_logps"), loss_type=case["loss_type"],
+        kl_ratio=case.get("kl_ratio", True),
         num_items=case.get("num_items"), max_completion_length=case.get("max_completion_length"))
     loss.backward()
     assert loss.item() == pytest.approx(case["expected"], abs=1e-7)

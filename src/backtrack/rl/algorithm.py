@@ -167,7 +167,7 @@ def per_token_kl(logps, ref_logps):
 
 def policy_loss(logps, advantages, mask, *, kl_weights=None, ref_logps=None, old_logps=None,
                 loss_type: str = "grpo", epsilon_low: float = 0.2,
-                epsilon_high: float | None = None, num_items=None,
+                epsilon_high: float | None = None, kl_ratio: bool = True, num_items=None,
                 max_completion_length: int | None = None):
     """The clipped policy-gradient loss with a per-token KL term, and detached statistics.
 
@@ -176,7 +176,9 @@ def policy_loss(logps, advantages, mask, *, kl_weights=None, ref_logps=None, old
     each row's tokens, then over rows; `bnpo` = mean over all tokens of the batch; `dapo` =
     sum / `num_items` (all scored tokens across processes divided by the process count, so
     data parallelism averages to the global token mean; default: this batch's count);
-    `dr_grpo` = sum / (rows x `max_completion_length`).
+    `dr_grpo` = sum / (rows x `max_completion_length`). `kl_ratio` multiplies the KL by the
+    (differentiable) ratio so its gradient is the unbiased reverse-KL gradient, which changes
+    it even on-policy (TRL's `use_bias_correction_kl`, on by default there too).
     """
     import torch
 
@@ -190,7 +192,7 @@ def policy_loss(logps, advantages, mask, *, kl_weights=None, ref_logps=None, old
     kl = None
     if ref_logps is not None and kl_weights is not None:
         kl = per_token_kl(logps, ref_logps)
-        per_token = per_token + kl_weights * kl
+        per_token = per_token + kl_weights * (kl * ratio if kl_ratio else kl)
     loss = aggregate(per_token, mask, loss_type, num_items, max_completion_length)
     with torch.no_grad():
         tokens = mask.sum().clamp(min=1.0)
