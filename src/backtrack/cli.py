@@ -32,6 +32,8 @@ STAGES = [
      "Build the RFT and RFT+BT SFT datasets from sample and backtrack records."),
     ("train", "backtrack.train", "TrainConfig", "train",
      "Fine-tune the base model on one arm with TRL SFTTrainer (full or LoRA)."),
+    ("rl", "backtrack.rl.stage", "RLConfig", "rl",
+     "On-policy RL of one arm (outcome RL, SCoRe) from a parent model with the hf engine."),
     ("eval", "backtrack.evaluate", "EvalConfig", "eval",
      "Sample n answers per test problem for each arm; pass@k, maj@k, self-correction stats."),
     ("probe", "backtrack.probe", "ProbeConfig", "probe",

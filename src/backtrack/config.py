@@ -67,7 +67,7 @@ class CommonConfig:
     seed: int = option(0, "Random seed for sampling, data order and training.")
 
 
-STAGE_SECTIONS = ("toy_base", "sample", "backtrack", "build", "train", "eval", "report",
+STAGE_SECTIONS = ("toy_base", "sample", "backtrack", "build", "train", "rl", "eval", "report",
                   "probe")
 # Top-level recipe keys beyond CommonConfig's, applied to every stage config that has the field.
 RUN_KEYS = ("arms",)
