@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from conftest import BACKTRACK_CMD
 
 from backtrack.rl.stage import RLConfig, main
 
+REPO = Path(__file__).resolve().parents[1]
 # Small answers, so that even the random tiny model is sometimes right (~7 % of rollouts).
 TASK_ARGS = "{train_size: 40, test_size: 10, max_value: 9, max_start: 9, max_operand: 5}"
 TASK = {"task": "arith", "task_args": {"train_size": 40, "test_size": 10, "max_value": 9,
@@ -110,3 +112,19 @@ def test_bad_input_is_one_line_exit_2(tiny_model_dir, tmp_path, cli_env, extra, 
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
     assert not (out / "models").exists() and not (out / "checkpoints").exists()
+
+
+def test_two_cpu_processes_through_accelerate(tiny_model_dir, tmp_path, cli_env):
+    out = tmp_path / "run"
+    args = _cli(out, tiny_model_dir, "--steps", "3", "--method", "score", "--stage1-steps", "1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "recipes" / "accelerate" / "cpu_2proc.yaml"), *args[1:]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = out / "models" / "outcome_rl"
+    info = json.loads((final / "run.json").read_text())
+    assert info["world_size"] == 2 and info["global_step"] == 3
+    log = json.loads((final / "rl_log.json").read_text())
+    assert [e["rollouts"] for e in log] == [32, 32, 32]  # 4 problems x G = 4 on each process
+    base, tuned = _weights(tiny_model_dir), _weights(final)
+    assert any(not torch.equal(base[k], tuned[k]) for k in base)

@@ -21,6 +21,7 @@ from backtrack.config import CommonConfig, option
 from backtrack.errors import UserError
 from backtrack.fileio import replace_dir
 from backtrack.layout import RunLayout
+from backtrack.trackers import TRACKERS
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr",
               "inverse_sqrt", "polynomial")
@@ -55,6 +56,9 @@ class TrainConfig(CommonConfig):
     resume: bool = option(False, "Continue from the last checkpoint of this arm; without it a "
                           "run starts at step 0 and removes the arm's old checkpoints.",
                           hashed=False)
+    report_to: str = option("none", "Stream the loss to a tracker (transformers' integration; "
+                            "tensorboard logs go to <output_dir>/logs/train_<arm>/).",
+                            choices=TRACKERS, hashed=False)
 
     def validate(self) -> None:
         from backtrack.arms import get_arm
@@ -137,7 +141,7 @@ def sft_args(config: TrainConfig, checkpoint_dir: Path):
         logging_steps=config.logging_steps,
         completion_only_loss=True,  # labels from our `completion_mask` (see build.py)
         include_num_input_tokens_seen="non_padding",
-        report_to="none",
+        report_to=config.report_to,
         use_cpu=not cuda,
         bf16=cuda and torch.cuda.is_bf16_supported(),
         seed=config.seed,
@@ -269,10 +273,22 @@ def _warn_long_examples(dataset, max_length: int) -> None:
               "tokens and are cut (they lose their end-of-turn token)")
 
 
+def _place_tensorboard_logs(trainer, folder: Path) -> None:
+    """Tensorboard events in <output_dir>/logs/ (beside RL's), not inside the checkpoints
+    that a fresh run deletes; the callback creates its writer at train start."""
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback):
+            callback.logging_dir = str(folder)
+
+
 def main(config: TrainConfig) -> None:
     """Train one arm; resumes from its last checkpoint when `resume` is set."""
     from backtrack.arms import parent_model_path
+    from backtrack.trackers import require_tracker
 
+    require_tracker(config.report_to)
     out = Path(config.output_dir)
     model_path = parent_model_path(config.arm, config.model, config.output_dir)
     tokenizer = load_base_tokenizer(model_path)
@@ -281,6 +297,7 @@ def main(config: TrainConfig) -> None:
     complete, incomplete = complete_checkpoints(checkpoint_dir)
     resume_from = str(complete[-1]) if config.resume and complete else None
     trainer = make_trainer(config, model_path, tokenizer, dataset)
+    _place_tensorboard_logs(trainer, out / "logs" / f"train_{config.arm}")
     accelerator = trainer.accelerator
     if accelerator.is_main_process:
         _warn_long_examples(dataset, config.max_length)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import time
 from contextlib import nullcontext
@@ -12,9 +11,6 @@ from pathlib import Path
 from backtrack.errors import UserError
 from backtrack.rl import checkpoints as ckpt
 from backtrack.rl.stage import (RLConfig, method_at, problems_at, second_attempt_text)
-
-TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "trackio": ("trackio",),
-                    "wandb": ("wandb",)}
 
 
 @dataclass
@@ -44,13 +40,10 @@ def make_accelerator(config: RLConfig):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    log_with = None
-    if config.report_to != "none":
-        packages = TRACKER_PACKAGES[config.report_to]
-        if not any(importlib.util.find_spec(p) for p in packages):
-            raise UserError(f"option 'report_to': {config.report_to} needs the package "
-                            f"{packages[0]} (pip install {packages[0]})")
-        log_with = config.report_to
+    from backtrack.trackers import require_tracker
+
+    require_tracker(config.report_to)
+    log_with = None if config.report_to == "none" else config.report_to
     out = Path(config.output_dir)
     project = ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs"))
     return Accelerator(log_with=log_with, project_config=project,

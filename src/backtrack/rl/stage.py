@@ -21,9 +21,9 @@ from pathlib import Path
 from backtrack.config import CommonConfig, option
 from backtrack.errors import UserError
 from backtrack.rl.algorithm import BASELINES, LOSS_TYPES
+from backtrack.trackers import TRACKERS
 
 RL_METHODS = ("outcome", "score_stage1", "score")
-TRACKERS = ("none", "tensorboard", "trackio", "wandb")
 
 
 @dataclass
@@ -72,7 +72,7 @@ class RLConfig(CommonConfig):
     resume: bool = option(False, "Continue from the arm's last checkpoint; without it a run "
                           "starts at step 0 and removes the arm's old checkpoints.")
     report_to: str = option("none", "Stream the per-step log to a tracker (via accelerate; "
-                            "tensorboard logs go to <output_dir>/logs/).", choices=TRACKERS)
+                            "tensorboard logs go to <output_dir>/logs/rl_<arm>/).", choices=TRACKERS)
     logging_steps: int = option(1, "Print a progress line every N steps.")
 
     def validate(self) -> None:
