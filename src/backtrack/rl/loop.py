@@ -239,7 +239,7 @@ def run(config: RLConfig, parent_path: str) -> Path:
     start, log = ckpt.load(acc, resume_from) if resume_from else (0, [])
     if config.report_to != "none":
         acc.init_trackers(f"rl_{config.arm}", config=tracker_config(config))
-    started = time.perf_counter()
+    started, cpu_start = time.perf_counter(), time.process_time()
     for step in range(start, config.steps):
         entry = train_step(ctx, step, started)
         log.append(entry)
@@ -253,7 +253,8 @@ def run(config: RLConfig, parent_path: str) -> Path:
             ckpt.save(acc, ctx.folder, entry["step"], log, config.save_total_limit)
         started = time.perf_counter()
     final = save_final(ctx, log, {"resumed_from": str(resume_from) if resume_from else None,
-                                  "steps_this_run": config.steps - start})
+                                  "steps_this_run": config.steps - start,
+                                  "cpu_seconds": time.process_time() - cpu_start})
     acc.end_training()
     ctx.engine.close()
     if acc.is_main_process:
