@@ -65,15 +65,17 @@ class RLConfig(CommonConfig):
                                                                                  "instruction"))
     second_attempt_text: str = option("", "The phrase (or preset mild/strong) or instruction; "
                                       "empty = mild phrase / SCoRe's instruction.")
-    micro_batch_rows: int = option(0, "Rows per forward/backward (0 = the whole step at once).")
+    micro_batch_rows: int = option(0, "Rows per forward/backward (0 = the whole step at once).",
+                                   hashed=False)
     engine_args: dict = option({}, "Options of the hf engine (batch_size, cache, num_threads).")
-    save_steps: int = option(20, "Write a checkpoint every N optimizer steps.")
-    save_total_limit: int = option(2, "Checkpoints kept on disk (oldest deleted).")
+    save_steps: int = option(20, "Write a checkpoint every N optimizer steps.", hashed=False)
+    save_total_limit: int = option(2, "Checkpoints kept on disk (oldest deleted).", hashed=False)
     resume: bool = option(False, "Continue from the arm's last checkpoint; without it a run "
-                          "starts at step 0 and removes the arm's old checkpoints.")
+                          "starts at step 0 and removes the arm's old checkpoints.", hashed=False)
     report_to: str = option("none", "Stream the per-step log to a tracker (via accelerate; "
-                            "tensorboard logs go to <output_dir>/logs/rl_<arm>/).", choices=TRACKERS)
-    logging_steps: int = option(1, "Print a progress line every N steps.")
+                            "tensorboard logs go to <output_dir>/logs/rl_<arm>/).", choices=TRACKERS,
+                            hashed=False)
+    logging_steps: int = option(1, "Print a progress line every N steps.", hashed=False)
 
     def validate(self) -> None:
         for name in ("group_size", "problems_per_step", "steps", "max_new_tokens", "save_steps",
