@@ -77,14 +77,18 @@ def print_plan(config: StudyConfig, runs: list[Run], mine: list[Run]) -> None:
         flag = "" if run in mine else "  (another shard)"
         print(f"  {run.variant:20s} {run.seed:6d}  {run.output_dir}{flag}")
     groups = share_groups(config, runs)
-    print("steps (each line is computed once; the runs listed read it):")
+    print("steps (a step listed with several runs is computed once for all of them):")
+    by_step: dict[str, list[tuple[str, list[str]]]] = {}
     for (step, where), names in groups.items():
-        if where.startswith("per run"):
-            continue
-        print(f"  {step:24s} {where}  <- {', '.join(names)}")
-    per_run = sorted({step for step, where in groups if where.startswith("per run")})
-    if per_run:
-        print(f"  computed in every run: {', '.join(per_run)}")
+        by_step.setdefault(step, []).append((where, names))
+    for step, entries in by_step.items():
+        for where, names in entries:
+            if len(names) > 1:
+                print(f"  {step:24s} {where}  <- {', '.join(names)}")
+        alone = sum(len(names) == 1 for _, names in entries)
+        if alone:
+            more = "more, each" if alone < len(entries) else "computation(s), each"
+            print(f"  {step:24s} {alone} {more} read by one run")
     total = sum(len(names) for names in groups.values())
     print(f"{len(groups)} step computations for {total} steps of {len(runs)} runs")
 
