@@ -12,7 +12,7 @@ import subprocess
 import pytest
 import yaml
 
-from backtrack import study
+from backtrack import study, study_run
 from conftest import BACKTRACK_CMD
 from test_pipeline import TINY
 
@@ -77,7 +77,9 @@ def test_study_shares_steps_reports_and_resumes(tmp_path, cli_env):
     assert not out.exists()  # a dry run writes nothing
     for run in runs:
         assert re.search(rf"{run.variant} +{run.seed}  {re.escape(run.output_dir)}", dry.stdout)
-    planned = set(re.findall(r"shared/(\S+)", dry.stdout))
+    planned = {where.removeprefix("shared/") for _, where in
+               study_run.share_groups(study.load_study(path), runs) if "shared/" in where}
+    assert len(planned) == 2 * (len(SHARED) + 2 * len(OWN))  # per seed: shared + per variant
     for seed in (0, 1):  # one line per shared step and seed, read by both variants
         for step in SHARED:
             assert re.search(rf"^  {step} +shared/{step}-\w+  <- slow/seed{seed}, "
