@@ -78,7 +78,7 @@ def test_study_arms_set_the_recipes_top_level_arms_and_variants_may_override(tmp
 
     runs = runs_of(tmp_path, "seeds: [0]\narms: [base, rft]\n"
                              "variants: {a: {}, b: {arms: [base, rft_bt]}}\n")
-    assert runs[0].recipe["arms"] == ["base", "rft"] and runs[1].recipe["arms"] == ["base", "rft_bt"]
+    assert [r.recipe["arms"] for r in runs] == [["base", "rft"], ["base", "rft_bt"]]
     assert runs[0].recipe["eval"] == {"n": 4, "limit": 10}  # eval.arms is not what `run` reads
     plans = [[s.name for s in pipeline.plan(*pipeline.resolve_recipe(r.recipe, "r", {}))]
              for r in runs]
