@@ -73,9 +73,27 @@ def test_finetune_scope_keeps_a_toy_base_seed_set_in_its_section(tmp_path):
     assert [r.recipe["toy_base"]["seed"] for r in runs] == [9, 9]
 
 
-def test_study_arms_set_the_eval_arms(tmp_path):
-    runs = runs_of(tmp_path, "seeds: [0]\narms: [base, rft]\n")
-    assert runs[0].recipe["eval"] == {"n": 4, "limit": 10, "arms": ["base", "rft"]}
+def test_study_arms_set_the_recipes_top_level_arms_and_variants_may_override(tmp_path):
+    from backtrack import pipeline
+
+    runs = runs_of(tmp_path, "seeds: [0]\narms: [base, rft]\n"
+                             "variants: {a: {}, b: {arms: [base, rft_bt]}}\n")
+    assert [r.recipe["arms"] for r in runs] == [["base", "rft"], ["base", "rft_bt"]]
+    assert runs[0].recipe["eval"] == {"n": 4, "limit": 10}  # eval.arms is not what `run` reads
+    plans = [[s.name for s in pipeline.plan(*pipeline.resolve_recipe(r.recipe, "r", {}))]
+             for r in runs]
+    assert "eval_rft" in plans[0] and "backtrack" not in plans[0]
+    assert "eval_rft_bt" in plans[1] and "backtrack" in plans[1] and "eval_rft" not in plans[1]
+    assert study.load_study(write_study(tmp_path, "seeds: [0]\n")).share is True
+
+
+def test_the_toy_recipe_validates_as_a_study_base(tmp_path):
+    from backtrack import pipeline
+
+    path = tmp_path / "s.yaml"
+    path.write_text(f"recipe: {pipeline.EMBEDDED_RECIPE}\nseeds: [0, 1]\n")
+    runs = study.study_runs(study.load_study(path))
+    assert [r.recipe["arms"] for r in runs] == [["base", "rft", "rft_bt", "budget_forcing"]] * 2
 
 
 @pytest.mark.parametrize("body, message", [
@@ -84,7 +102,12 @@ def test_study_arms_set_the_eval_arms(tmp_path):
     ("seeds: [0]\nvariants:\n  a: {no_such_key: 1}\n", "variant 'a': unknown key 'no_such_key'"),
     ("seeds: [0]\nvariants:\n  a: {train: {learning_rate: fast}}\n",
      "key 'train.learning_rate': expected a number"),
-    ("seeds: [0]\nvariants:\n  a: {eval: {arms: [oracle]}}\n", "unknown arm 'oracle'"),
+    ("seeds: [0]\nvariants:\n  a: {arms: [oracle]}\n", "unknown arm 'oracle'"),
+    ("seeds: [0]\narms: [base, nope]\n", "unknown arm 'nope'"),
+    ("seeds: [0]\nvariants:\n  a: {eval: {arms: [rft]}}\n",
+     "key 'eval.arms' is set per step by `backtrack run`"),
+    ("seeds: [0]\nvariants:\n  shared: {}\n", "are folders of the study itself"),
+    ("seeds: [0]\nshare: maybe\n", "key 'share': expected true or false"),
     ("seeds: []\n", "key 'seeds' is empty"),
     ("variants: {a: {}}\n", "key 'seeds' is empty"),
     ("seeds: [1, 1]\n", "lists a seed twice"),

@@ -94,6 +94,23 @@ for _name, _module, _cls, _section, _help in STAGES:
     app.command(_name, help=_help)(_make_command(_module, _cls, _section))
 
 
+@app.command("study")
+def study_command(
+    config: Path = typer.Option(..., "--config", "-c", help="Study YAML file (a base recipe, "
+                                "seeds, variants; see backtrack/study.py)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and which runs "
+                                 "share each step, then exit; nothing runs."),
+    shard: str = typer.Option("", "--shard", help="Run only shard i/N of the runs (N "
+                              "processes or machines sharing one output_dir)."),
+    report_only: bool = typer.Option(False, "--report-only", help="Write the study report "
+                                     "from the runs evaluated so far; nothing runs."),
+) -> None:
+    """Run every (variant, seed) of a study, computing identical steps once, then report."""
+    from backtrack.study_run import run_study
+
+    run_study(config, dry_run=dry_run, shard=shard, report_only=report_only)
+
+
 @app.command("arms")
 def list_arms() -> None:
     """List the arms (methods) and evaluation protocols."""

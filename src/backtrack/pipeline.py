@@ -33,6 +33,7 @@ from backtrack.config import CommonConfig, hashed_values, option, read_recipe, r
 from backtrack.errors import UserError
 from backtrack.fileio import read_json, write_json
 from backtrack.layout import RunLayout
+from backtrack.share import SHARED_STAGES, StepShare
 
 ALL_STAGES = ("toy_base", "sample", "backtrack", "build", "train", "rl", "eval", "report")
 EMBEDDED_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "toy.yaml"
@@ -109,6 +110,12 @@ def resolve_run(recipe_path: str | None, overrides: dict) -> tuple[RunConfig, di
         recipe, source = read_recipe(EMBEDDED_RECIPE), str(EMBEDDED_RECIPE)
     else:
         recipe, source = {}, "defaults"
+    return resolve_recipe(recipe, source, overrides)
+
+
+def resolve_recipe(recipe: dict, source: str, overrides: dict
+                   ) -> tuple[RunConfig, dict, str, dict]:
+    """`resolve_run` for a recipe mapping already in hand (a study's merged recipes)."""
     config = resolve(RunConfig, recipe, "run", overrides, source=source)
     common = {f.name for f in dataclasses.fields(CommonConfig)}
     shared = {k: v for k, v in overrides.items() if k in common}
@@ -239,61 +246,111 @@ def _prepare(step: Step, marker: dict | None, changed: bool, layout: RunLayout) 
     return step.config
 
 
-def run_steps(config: RunConfig, steps: list[Step]) -> dict:
-    """Run the selected steps in order, skipping done ones; returns per-step timings."""
-    layout = RunLayout.of(config)
+def step_digests(steps: list[Step]) -> dict[str, str]:
+    """Each step's digest: its hashed config fields and the digests of the steps it reads."""
     hashes: dict[str, str] = {}
+    for step in steps:
+        hashes[step.name] = config_hash(step.config, [hashes.get(d, "") for d in step.deps])
+    return hashes
+
+
+def steps_done(config: RunConfig, steps: list[Step]) -> dict[str, bool]:
+    """Whether each step is done (its marker holds its digest and its outputs are there)."""
+    layout = RunLayout.of(config)
+    hashes = step_digests(steps)
+    return {s.name: _is_done(s, read_json(layout.markers / f"{s.name}.json"), hashes[s.name])
+            for s in steps}
+
+
+def _is_done(step: Step, marker: dict | None, digest: str) -> bool:
+    return marker is not None and marker.get("config_hash") == digest and step.done()
+
+
+def run_steps(config: RunConfig, steps: list[Step], share: StepShare | None = None) -> dict:
+    """Run the selected steps in order, skipping done ones; returns per-step timings.
+
+    With a `share` (a study's), a step of a shared stage whose digest another run has computed
+    is linked from there instead of run, and one run here is published there."""
+    layout = RunLayout.of(config)
+    hashes = step_digests(steps)
     timings: dict[str, dict] = {}
     for step in steps:
-        digest = config_hash(step.config, [hashes.get(d, "") for d in step.deps])
-        hashes[step.name] = digest
+        digest = hashes[step.name]
         marker_path = layout.markers / f"{step.name}.json"
         marker = read_json(marker_path)
-        selected = step.stage in config.stages
-        done = marker is not None and marker.get("config_hash") == digest and step.done()
-        if not selected or (done and not config.force):
+        done = _is_done(step, marker, digest)
+        if step.stage not in config.stages or (done and not config.force):
             why = "done" if done else "not selected"
             print(f"[run] {step.name}: skipped ({why})", flush=True)
             timings[step.name] = {"status": "skipped", "seconds": 0.0}
             continue
-        changed = (marker is not None and marker.get("config_hash") != digest) or config.force
-        if changed:
-            print(f"[run] {step.name}: config changed or forced; running again")
-        print(f"[run] {step.name}: running", flush=True)
-        start = time.perf_counter()
-        step.run(_prepare(step, marker, changed, layout))
-        seconds = time.perf_counter() - start
+        sharing = share is not None and step.stage in SHARED_STAGES
+        if sharing and not config.force and share.complete(step.name, digest):
+            folder = share.link(step, digest, layout)
+            write_json(marker_path, {"config_hash": digest, "seconds": 0.0, "shared": str(folder),
+                                     "linked": True,
+                                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            timings[step.name] = {"status": "linked", "seconds": 0.0}
+            print(f"[run] {step.name}: linked from {folder}", flush=True)
+            continue
+        seconds, folder = _run_step(step, digest, marker, config, layout,
+                                    share if sharing else None)
         write_json(marker_path, {"config_hash": digest, "seconds": round(seconds, 2),
+                                 **({"shared": str(folder)} if folder else {}),
                                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         timings[step.name] = {"status": "ran", "seconds": round(seconds, 2)}
         print(f"[run] {step.name}: done in {_fmt(seconds)}", flush=True)
     return timings
 
 
+def _run_step(step: Step, digest: str, marker: dict | None, config: RunConfig,
+              layout: RunLayout, share: StepShare | None) -> tuple[float, Path | None]:
+    """Run one step in the run (publishing it to `share` if given): (seconds, share folder)."""
+    changed = (marker is not None and marker.get("config_hash") != digest) or config.force
+    if changed:
+        print(f"[run] {step.name}: config changed or forced; running again")
+    if share is not None:
+        share.detach(step)
+    print(f"[run] {step.name}: running", flush=True)
+    start = time.perf_counter()
+    step.run(_prepare(step, marker, changed, layout))
+    seconds = time.perf_counter() - start
+    folder = None
+    if share is not None:
+        folder = share.publish(step, digest, layout, {"seconds": round(seconds, 2)})
+    return seconds, folder
+
+
 def _fmt(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
-def run_recipe(recipe_path: str | None, overrides: dict) -> Path:
-    """`backtrack run`: plan from the recipe and the command-line overrides, run, report."""
+def run_recipe(recipe_path: str | None, overrides: dict, share_dir: Path | None = None) -> Path:
+    """`backtrack run`: plan from the recipe and the command-line overrides, run, report.
+
+    `share_dir` (a study's `shared/` folder) shares steps with other runs (see share.py)."""
     from backtrack.runinfo import write_run_info
 
     config, recipe, source, shared = resolve_run(recipe_path, overrides)
     layout = RunLayout.of(config)
     steps = plan(config, recipe, source, shared)
     start = time.perf_counter()
-    timings = run_steps(config, steps)
+    timings = run_steps(config, steps, StepShare(Path(share_dir)) if share_dir else None)
     total = time.perf_counter() - start
     timings["total"] = {"seconds": round(total, 2)}
     write_json(layout.timings, timings)
     write_run_info(layout.output_dir, config, "run", inputs=[source] if source else [],
                    extra={"recipe": source, "overrides": overrides,
+                          "share_dir": str(share_dir) if share_dir else None,
                           "steps": {s.name: dataclasses.asdict(s.config) for s in steps},
                           "timings": timings})
     ran = [f"{name} {_fmt(t['seconds'])}" for name, t in timings.items()
            if t.get("status") == "ran"]
-    print("[run] wall time per step: " + (", ".join(ran) or "nothing to do, every step was done"),
-          flush=True)
+    linked = [name for name, t in timings.items() if t.get("status") == "linked"]
+    summary = ", ".join(ran) or ("nothing ran" if linked else "nothing to do, every step was done")
+    if linked:
+        summary += f"; linked from shares: {', '.join(linked)}"
+    print("[run] wall time per step: " + summary, flush=True)
     report_md = layout.report / "report.md"
     print(f"[run] total {_fmt(total)}; report: {report_md}", flush=True)
     return report_md

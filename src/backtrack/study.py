@@ -7,13 +7,15 @@ shape, e.g.
     seeds: [0, 1, 2]
     seed_scope: all             # all | finetune | base
     output_dir: runs/study-toy
+    arms: [base, rft]           # the recipe's top-level `arms` for every run
     variants:
       default: {}
       lr3e-4: {train: {learning_rate: 3.0e-4}}
+      bt-only: {arms: [base, rft_bt]}
 
 `study_runs` turns it into runs, each with its own `<output_dir>/<variant>/seed<k>/` and fully
-merged recipe mapping; every run's configs are resolved once here, so an unknown key or a
-badly typed value stops the study before anything runs.
+merged recipe mapping; every step `backtrack run` would plan for each run is resolved here,
+so an unknown key or a badly typed value stops the study before anything runs.
 """
 
 from __future__ import annotations
@@ -28,13 +30,17 @@ from pathlib import Path
 
 import yaml
 
-from backtrack.config import check_recipe, coerce, option, read_recipe, resolve
+from backtrack.config import RUN_KEYS, check_recipe, coerce, option, read_recipe, resolve
 from backtrack.errors import UserError
 from backtrack.store import parse_shard, shard_of
 
 SEED_SCOPES = ("all", "finetune", "base")
 # Keys the study itself sets in every run; a variant may not.
 STUDY_KEYS = ("output_dir", "seed")
+# Folders of the study beside its variants' (a variant of either name would collide).
+RESERVED_NAMES = ("shared", "report")
+# Sections whose `arms` the pipeline sets per step: a variant picks evaluations with `arms`.
+PLANNED_ARMS = ("build", "eval", "report")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -54,7 +60,11 @@ class StudyConfig:
                              choices=SEED_SCOPES)
     output_dir: str = option("runs/study", "Folder of the study; run <variant>/seed<k>/ and "
                              "report/ go under it.")
-    arms: list = option([], "Arms to evaluate and report (empty: the recipe's eval arms).")
+    arms: list = option([], "Evaluations of every run (the recipe's top-level `arms`; a "
+                        "variant may set its own); empty: the recipe's.")
+    share: bool = option(True, "Compute a step once when runs resolve it identically (same "
+                         "config and upstream) and link it into each of them from "
+                         "<output_dir>/shared/; false: every run computes its own.")
     source: str = option("", "The study file (set when it is read).")
 
 
@@ -151,12 +161,19 @@ def _check(config: StudyConfig, path: Path) -> None:
         if not _NAME_RE.match(str(name)):
             raise UserError(f"{where}: a variant name is a folder name (letters, digits, "
                             "_ . + -)")
+        if name in RESERVED_NAMES:
+            raise UserError(f"{where}: the names {list(RESERVED_NAMES)} are folders of the "
+                            "study itself")
         if overrides is not None and not isinstance(overrides, dict):
             raise UserError(f"{where}: overrides must be a mapping")
         for key in STUDY_KEYS:
             if key in (overrides or {}):
                 raise UserError(f"{where}: key '{key}' is set by the study, not by a variant")
         check_recipe(overrides or {}, where)
+        for section in PLANNED_ARMS:
+            if "arms" in ((overrides or {}).get(section) or {}):
+                raise UserError(f"{where}: key '{section}.arms' is set per step by `backtrack "
+                                "run`; choose evaluations with the top-level key 'arms'")
 
 
 def recipe_path(config: StudyConfig) -> Path:
@@ -206,15 +223,24 @@ def stage_classes() -> list[tuple[str, type]]:
 
 
 def validate_recipe(recipe: dict, source: str) -> None:
-    """Resolve every stage's config from the recipe: unknown keys and bad values raise."""
+    """Resolve every step `backtrack run` plans from the recipe, and every stage section on its
+    own (a stage the plan leaves out is checked too): unknown keys and bad values raise."""
+    from backtrack import pipeline
+
     check_recipe(recipe, source)
-    for section, cls in stage_classes():
-        try:
-            resolve(cls, recipe, section, source=source)
-        except UserError as exc:  # a config's own validate() does not know the file
-            if str(exc).startswith(source):
-                raise
-            raise UserError(f"{source}: section '{section}': {exc}") from exc
+    # the top-level `arms` are evaluations (the plan gives each stage its own arms)
+    standalone = {k: v for k, v in recipe.items() if k not in RUN_KEYS}
+    where = ""
+    try:
+        for section, cls in stage_classes():
+            where = f"section '{section}': "
+            resolve(cls, standalone, section, source=source)
+        where = ""
+        pipeline.plan(*pipeline.resolve_recipe(recipe, source, {}))
+    except UserError as exc:  # a config's own validate() does not know the file
+        if str(exc).startswith(source):
+            raise
+        raise UserError(f"{source}: {where}{exc}") from exc
 
 
 def study_runs(config: StudyConfig) -> list[Run]:
@@ -226,7 +252,7 @@ def study_runs(config: StudyConfig) -> list[Run]:
         raise UserError(f"{config.source}: seed_scope 'base' varies only the toy base, but the "
                         f"recipe's model is '{base.get('model')}'")
     if config.arms:
-        base = merge(base, {"eval": {"arms": list(config.arms)}})
+        base = merge(base, {"arms": list(config.arms)})
     runs = []
     for variant, overrides in config.variants.items():
         merged = merge(base, overrides or {})

@@ -32,13 +32,15 @@ BUDGET_RULE = ("budget B buys k* = B / T samples (T: the arm's mean new tokens p
 
 
 def run_arms(run: Run, arms: list[str]) -> list[str]:
-    """The arms a run evaluates: the study's `arms`, else its recipe's eval arms."""
-    if arms:
-        return list(arms)
+    """The evaluations a run reports: its recipe's top-level `arms` (where the study's `arms`
+    and a variant's own are put), else `arms`, else the pipeline's default."""
+    from backtrack.arms import parse_evaluation
     from backtrack.config import resolve
-    from backtrack.evaluate import EvalConfig
+    from backtrack.pipeline import RunConfig
 
-    return list(resolve(EvalConfig, run.recipe, "eval").arms)
+    if "arms" not in run.recipe and arms:
+        return list(arms)
+    return [parse_evaluation(e).name for e in resolve(RunConfig, run.recipe, "run").arms]
 
 
 def load_metrics(runs: list[Run], arms: list[str]) -> tuple[dict, list[str]]:
