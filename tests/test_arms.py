@@ -73,3 +73,18 @@ def test_an_arm_registered_in_a_test_runs_through_the_pipeline(tmp_path, monkeyp
     assert stats["arms"]["rft_cap1"]["examples"] == stats["arms"]["rft_cap1"]["problems"]
     assert not (out / "backtrack").exists()  # the arm reads no backtrack records
     assert (out / "models" / "rft_cap1" / "config.json").is_file()
+
+
+def test_rl_arms_train_with_the_rl_stage_from_their_parent(tmp_path):
+    from backtrack import pipeline
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({**TINY, "arms": ["score", "outcome_rl_from_rft_bt",
+                                                       "s2r"]}))
+    steps = {s.name: s for s in pipeline.plan(*pipeline.resolve_run(str(recipe), {}))}
+    score, on_bt, s2r = (steps[f"train_{n}"] for n in ("score", "outcome_rl_from_rft_bt", "s2r"))
+    assert (score.stage, score.config.method, score.config.parent) == ("rl", "score", "base")
+    assert on_bt.deps == ["train_rft_bt"] and on_bt.config.parent == "rft_bt"
+    assert s2r.deps == ["train_s2r_sft"] and s2r.config.reward_on == "final_attempt"
+    assert steps["eval_score"].config.arms == ["score"]
+    assert steps["build"].config.arms == ["rft_bt", "s2r_sft"]

@@ -116,3 +116,16 @@ def test_report_compares_arms_at_equal_tokens(tmp_path):
     text = path.read_text()
     assert "equal samples" in text and "equal generated tokens" in text
     assert (tmp_path / "report" / "pass_vs_tokens.png").stat().st_size > 0
+
+
+def test_report_plots_rl_curves_of_rl_arms(tmp_path):
+    _write_arm(tmp_path, "base", _records(0.3, seed=0))
+    _write_arm(tmp_path, "score@single", _records(0.4, seed=1))
+    (tmp_path / "models" / "score").mkdir(parents=True)
+    log = [{"step": s, "reward": 0.1 * s, "accuracy_attempt1": 0.2, "accuracy_attempt2": 0.3}
+           for s in (1, 2, 3)]
+    (tmp_path / "models" / "score" / "rl_log.json").write_text(json.dumps(log))
+    text = report.main(report.ReportConfig(output_dir=str(tmp_path), n_boot=100,
+                                           arms=["base", "score@single"])).read_text()
+    assert "rl_curves.png" in text
+    assert (tmp_path / "report" / "rl_curves.png").stat().st_size > 0

@@ -187,7 +187,8 @@ def _training_step(config: RunConfig, source: str, shared: dict, step: Callable,
                    deps: list[str]) -> Step:
     """The training step of an arm: SFT (`train`) or RL (`rl`), with the arm's fixed options."""
     stage = TRAINING_STAGES[arm.training]
-    built = step(f"train_{arm.name}", stage, deps, arm=arm.name, **arm.train_args)
+    extra = {"parent": arm.parent or "base"} if stage == "rl" else {}
+    built = step(f"train_{arm.name}", stage, deps, arm=arm.name, **extra, **arm.train_args)
     if config.accelerate_config:
         built.run = _accelerate_launcher(config, source, shared, stage)
     return built

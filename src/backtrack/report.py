@@ -380,6 +380,10 @@ def main(config: ReportConfig) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     plots = write_plots(tmp, results["arms"], losses, results["compute_matched"])
+    from backtrack.rl import curves
+
+    rl_plot = curves.plot(tmp, curves.load_logs(layout, list(config.arms)))
+    plots += [rl_plot] if rl_plot else []
     (tmp / "results.json").write_text(json.dumps(_no_nan(results), indent=2, default=str) + "\n")
     (tmp / "report.md").write_text(render_markdown(results, plots))
     write_run_info(tmp, config, "report",

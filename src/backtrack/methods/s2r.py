@@ -1,7 +1,8 @@
 """S²R (Ma et al. 2025): teach the model to verify its own answer, then to retry only when its
 check says wrong. `s2r_sft` is the behaviour-initialisation SFT on self-verifying,
-self-correcting trajectories built from the model's own samples (`s2r_data.py`); its outputs
-are graded on their last attempt and get verification metrics (`self_verify` protocol).
+self-correcting trajectories built from the model's own samples (`s2r_data.py`); `s2r` adds
+outcome-level RL on top (reward on the last attempt, leave-one-out baseline as S²R's RLOO).
+Their outputs are graded on their last attempt and get verification metrics (`self_verify`).
 """
 
 from __future__ import annotations
@@ -60,3 +61,8 @@ register_protocol(Protocol(
 register(Arm("s2r_sft", "S²R behaviour initialisation: SFT on attempt -> verify -> retry "
              "trajectories of the model's own samples", training="sft", build=build_s2r,
              reads=("sample",), protocol="self_verify", compare_with=("rft_bt", "base")))
+register(Arm("s2r", "S²R: s2r_sft then outcome-level RL (reward on the final answer, RLOO)",
+             parent="s2r_sft", training="rl", protocol="self_verify",
+             train_args={"method": "outcome", "baseline": "loo",
+                         "scale_std": False, "reward_on": "final_attempt"},
+             compare_with=("s2r_sft", "rft_bt")))

@@ -65,6 +65,10 @@ def setup(config: RLConfig, parent_path: str) -> Context:
     methods = make_methods(config.kl, config.kl_stage1_attempt1, config.kl_stage1_attempt2,
                            config.alpha)
     task = get_task(config.task, config.task_args)
+    if config.reward_on == "final_attempt":
+        from backtrack.rl.stage import FinalAttemptTask
+
+        task = FinalAttemptTask(task)
     problems = task.problems("train")
     if not problems:
         raise UserError(f"task '{config.task}': the train split has no problems")

@@ -59,6 +59,10 @@ class RLConfig(CommonConfig):
     temperature: float = option(0.8, "Sampling temperature (log-probs are scored at it too).")
     top_p: float = option(1.0, "Nucleus sampling threshold.")
     max_new_tokens: int = option(160, "Longest attempt in tokens.")
+    reward_on: str = option("answer", "What the reward checks: the answer of the whole text "
+                            "(`answer`), or the last attempt of a self-verifying trace "
+                            "(`final_attempt`, S²R: a verification may follow the answer).",
+                            choices=("answer", "final_attempt"))
     second_attempt: str = option("phrase", "How attempt 2 is asked for: phrase (cut attempt 1 "
                                  "before </think>, append the phrase, same turn) or instruction "
                                  "(a user turn with the instruction).", choices=("phrase",
@@ -101,16 +105,41 @@ class RLConfig(CommonConfig):
 
 
 def resolve_parent(config: RLConfig) -> str:
-    """The parent's model folder: the recipe's model for `base`, else a trained arm's."""
-    from backtrack.models import resolve_model_path
+    """The parent's model folder (the registry's: the recipe's model for `base`, else the
+    model of the parent arm, trained earlier)."""
+    from backtrack.arms import model_path
 
-    if config.parent == "base":
-        return resolve_model_path(config.model, config.output_dir)
-    path = Path(config.output_dir) / "models" / config.parent
-    if not (path / "config.json").is_file():
-        raise UserError(f"option 'parent': no model for arm '{config.parent}' at {path} "
-                        "(train that arm first)")
-    return str(path)
+    try:
+        return model_path(config.parent, config.model, config.output_dir)
+    except UserError as exc:
+        raise UserError(f"option 'parent': {exc}") from exc
+
+
+def outputs(config: RLConfig) -> list[Path]:
+    """The model folder (the step's result) first, then its checkpoints (optional)."""
+    from backtrack.layout import RunLayout
+
+    layout = RunLayout.of(config)
+    return [layout.model(config.arm), layout.checkpoints(config.arm)]
+
+
+def done(config: RLConfig) -> bool:
+    return (outputs(config)[0] / "config.json").is_file()
+
+
+class FinalAttemptTask:
+    """A task whose reward reads the last attempt of a self-verifying (S²R) trace."""
+
+    def __init__(self, task):
+        self.task = task
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def reward(self, completion: str, gold: str) -> float:
+        from backtrack.methods.s2r_metrics import final_attempt_text
+
+        return self.task.reward(final_attempt_text(completion), gold)
 
 
 def second_attempt_text(config: RLConfig) -> str:
