@@ -12,7 +12,7 @@ from backtrack.backtracking import (PRESETS, BacktrackConfig, Chain, choose_phra
                                     insertion, resolve_phrases, run_chains)
 from backtrack.engines import Completion, GenerationParams
 from backtrack.errors import UserError
-from backtrack.sample import RunStats
+from backtrack.generation import RunStats
 from backtrack.store import RecordStore
 from backtrack.tasks import get_task
 

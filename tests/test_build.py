@@ -131,7 +131,7 @@ def test_arms_dedup_stats_and_identity(tmp_path, tiny_model_dir, tokenizer):
     assert stats["arms"]["rft_bt"]["backtracked_share"] == pytest.approx(0.25)
     mean = sum(len(r["input_ids"]) for r in rft_bt) / len(rft_bt)
     assert stats["arms"]["rft_bt"]["mean_tokens"] == pytest.approx(mean)
-    assert stats["inputs"]["rft_duplicates_dropped"] == 1
+    assert stats["inputs"]["per_arm"]["rft"]["duplicates_dropped"] == 1
     meta = json.loads((out / "sft" / "rft" / META_FILE).read_text())
     assert meta["tokenizer"]["name_or_path"] == str(tiny_model_dir)
     assert (out / "sft" / "run.json").is_file()
@@ -216,7 +216,7 @@ def test_missing_model_is_a_user_error(tmp_path, tokenizer):
 
 def test_a_trace_right_on_round_two_is_taken_whole(tokenizer):
     """Round 2's prefix holds the wrong first attempt and the wrong round-1 continuation."""
-    from backtrack.build import trace_text
+    from backtrack.methods.rft import trace_text
 
     record = backtrack_record(tokenizer, "p0", 3, _answer(3, 1, 5),
                               " 3 + 1 = 6</think>\nThe answer is 6.", False)

@@ -8,6 +8,7 @@ import pytest
 from backtrack import evaluate
 from backtrack.engines import Completion, GenerationParams
 from backtrack.errors import UserError
+from backtrack.protocols import BudgetForcingEngine
 
 
 def _config(tmp_path, model_dir, **kw):
@@ -77,7 +78,7 @@ def test_budget_forcing_replaces_first_think_close_and_continues_once():
     first = [[Completion("<think>2 + 2 = 5</think>\nThe answer is 5.", 12, "stop"),
               Completion("<think>2 + 2 = 5", 30, "length")]]
     inner = FakeEngine(first)
-    engine = evaluate.BudgetForcingEngine(inner, _tokenizer, "Wait")
+    engine = BudgetForcingEngine(inner, _tokenizer, "Wait")
     (forced, untouched), = engine.generate(["PROMPT"], GenerationParams(n=2, seed=3))
     assert len(inner.calls) == 2
     prompts, params = inner.calls[1]

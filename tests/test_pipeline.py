@@ -9,8 +9,9 @@ import pytest
 import yaml
 
 from backtrack import pipeline
-from backtrack.config import load_config, read_recipe
+from backtrack.config import read_recipe
 from backtrack.errors import UserError
+from backtrack.layout import RunLayout
 from conftest import BACKTRACK_CMD
 
 TINY = {
@@ -81,21 +82,37 @@ def test_run_end_to_end_then_resume_skips_everything(tmp_path, cli_env):
 def test_shared_cli_overrides_apply_to_every_stage(tmp_path):
     recipe_path = tmp_path / "r.yaml"
     recipe_path.write_text(yaml.safe_dump({**TINY, "seed": 3, "eval": {"seed": 9, "n": 2}}))
-    config = load_config(pipeline.RunConfig, recipe_path, "run",  # as the CLI does
-                         {"recipe": str(recipe_path), "output_dir": str(tmp_path / "o"), "seed": 3})
-    effective, recipe, source, shared = pipeline.effective_config(config)
-    assert shared == {"output_dir": str(tmp_path / "o")}  # seed equals the recipe's: no override
+    overrides = {"output_dir": str(tmp_path / "o")}  # as the CLI hands them over
+    effective, recipe, source, shared = pipeline.resolve_run(str(recipe_path), overrides)
+    assert shared == overrides and effective.seed == 3
     steps = {s.name: s for s in pipeline.plan(effective, recipe, source, shared)}
     assert steps["eval_base"].config.seed == 9  # a stage section still wins over the top level
     assert steps["sample"].config.seed == 3
     assert all(s.config.output_dir == str(tmp_path / "o") for s in steps.values())
     assert steps["train_rft"].config.arm == "rft" and steps["eval_rft_bt"].config.arms == ["rft_bt"]
 
-    config = load_config(pipeline.RunConfig, recipe_path, "run",
-                         {"recipe": str(recipe_path), "seed": 5})
-    effective, recipe, source, shared = pipeline.effective_config(config)
+    effective, recipe, source, shared = pipeline.resolve_run(str(recipe_path), {"seed": 5})
     steps = {s.name: s for s in pipeline.plan(effective, recipe, source, shared)}
     assert steps["eval_base"].config.seed == 5 and steps["sample"].config.seed == 5
+
+
+def test_plan_follows_the_recipes_arms_and_their_parents(tmp_path):
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(yaml.safe_dump({**TINY, "arms": ["rft_bt", "base@two_attempt"]}))
+    effective, recipe, source, shared = pipeline.resolve_run(str(recipe_path), {})
+    steps = {s.name: s for s in pipeline.plan(effective, recipe, source, shared)}
+    assert list(steps) == ["toy_base", "sample", "backtrack", "build", "train_rft_bt",
+                           "eval_rft_bt", "eval_base@two_attempt", "report"]
+    assert steps["build"].config.arms == ["rft_bt"]
+    assert steps["eval_base@two_attempt"].deps == ["toy_base"]
+    assert steps["report"].config.arms == ["rft_bt", "base@two_attempt"]
+    only_base = {**TINY, "arms": ["base"]}
+    recipe_path.write_text(yaml.safe_dump(only_base))
+    plan = pipeline.plan(*pipeline.resolve_run(str(recipe_path), {}))
+    assert [s.name for s in plan] == ["toy_base", "eval_base", "report"]
+    recipe_path.write_text(yaml.safe_dump({**TINY, "arms": ["base", "nope"]}))
+    with pytest.raises(UserError, match="unknown arm 'nope'.*known: base"):
+        pipeline.resolve_run(str(recipe_path), {})
 
 
 def test_step_hash_follows_config_and_upstream():
@@ -103,6 +120,9 @@ def test_step_hash_follows_config_and_upstream():
     assert pipeline.config_hash(a, ["x"]) == pipeline.config_hash(pipeline.RunConfig(seed=1), ["x"])
     assert pipeline.config_hash(a, ["x"]) != pipeline.config_hash(a, ["y"])
     assert pipeline.config_hash(a, ["x"]) != pipeline.config_hash(pipeline.RunConfig(seed=2), ["x"])
+    # fields declared hashed=False (how a step runs, not what it makes) never re-run a step
+    moved = pipeline.RunConfig(seed=1, output_dir="elsewhere", force=True)
+    assert pipeline.config_hash(a, ["x"]) == pipeline.config_hash(moved, ["x"])
 
 
 @pytest.mark.parametrize("name", ["toy.yaml", "gsm8k-smollm2-cpu.yaml",
@@ -110,8 +130,7 @@ def test_step_hash_follows_config_and_upstream():
                                   "gsm8k-qwen2.5-1.5b-instruct.yaml"])
 def test_recipes_resolve_for_every_stage(name):
     path = pipeline.EMBEDDED_RECIPE.parent / name
-    config = load_config(pipeline.RunConfig, path, "run", {"recipe": str(path)})
-    effective, recipe, source, shared = pipeline.effective_config(config)
+    effective, recipe, source, shared = pipeline.resolve_run(str(path), {})
     assert read_recipe(path) == recipe and not shared
     steps = pipeline.plan(effective, recipe, source, shared)
     assert [s.name for s in steps][-1] == "report"
@@ -121,10 +140,8 @@ def test_recipes_resolve_for_every_stage(name):
 def test_accelerate_config_launches_train_steps_as_subprocesses(tmp_path, monkeypatch):
     recipe_path = tmp_path / "r.yaml"
     recipe_path.write_text(yaml.safe_dump(TINY))
-    config = load_config(pipeline.RunConfig, recipe_path, "run",
-                         {"recipe": str(recipe_path), "seed": 7,
-                          "accelerate_config": "recipes/accelerate/ddp.yaml"})
-    effective, recipe, source, shared = pipeline.effective_config(config)
+    effective, recipe, source, shared = pipeline.resolve_run(
+        str(recipe_path), {"seed": 7, "accelerate_config": "recipes/accelerate/ddp.yaml"})
     steps = {s.name: s for s in pipeline.plan(effective, recipe, source, shared)}
     calls = []
     monkeypatch.setattr("subprocess.run",
@@ -150,17 +167,35 @@ def test_changed_train_step_sets_aside_model_and_checkpoints(tmp_path):
         (tmp_path / folder / "f").write_text("old")
     step = pipeline.Step("train_rft", "train", TrainConfig(arm="rft", output_dir=str(tmp_path)),
                          lambda c: None, ["build"])
-    prepared = pipeline._prepare(step, {"config_hash": "old"}, True, tmp_path)
+    layout = RunLayout(tmp_path)
+    prepared = pipeline._prepare(step, {"config_hash": "old"}, True, layout)
     assert not (tmp_path / "models" / "rft").exists()
     assert not (tmp_path / "checkpoints" / "rft").exists()
     moved = sorted(p.name for p in (tmp_path / "run" / "stale").glob("*/*"))
     assert moved == ["train_rft-checkpoints-rft", "train_rft-models-rft"]
     assert prepared.resume is False
     (tmp_path / "checkpoints" / "rft").mkdir(parents=True)  # interrupted, never finished
-    assert pipeline._prepare(step, None, False, tmp_path).resume is True
+    assert pipeline._prepare(step, None, False, layout).resume is True
 
 
 def test_without_config_the_embedded_toy_recipe_applies():
-    effective, recipe, source, shared = pipeline.effective_config(pipeline.RunConfig(seed=4))
+    effective, recipe, source, shared = pipeline.resolve_run(None, {"seed": 4})
     assert source == str(pipeline.EMBEDDED_RECIPE) and recipe["model"] == "toy"
     assert effective.output_dir == recipe["output_dir"] and shared == {"seed": 4}
+
+
+def test_arms_pass_upstream_options_and_new_default_options_keep_hashes(tmp_path, monkeypatch):
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(yaml.safe_dump({**TINY, "arms": ["rft_bt_confirm", "base"]}))
+    steps = {s.name: s for s in pipeline.plan(*pipeline.resolve_run(str(recipe_path), {}))}
+    assert steps["backtrack"].config.confirm == 1000  # the confirm arm's stage_args
+    recipe_path.write_text(yaml.safe_dump({**TINY, "arms": ["rft_bt_confirm"],
+                                           "backtrack": {**TINY["backtrack"], "confirm": 7}}))
+    steps = {s.name: s for s in pipeline.plan(*pipeline.resolve_run(str(recipe_path), {}))}
+    assert steps["backtrack"].config.confirm == 7  # the recipe's own value wins
+    from backtrack.sample import SampleConfig
+
+    before = pipeline.config_hash(SampleConfig(k=8), [])
+    assert before == pipeline.config_hash(SampleConfig(k=8, progress=False), [])
+    assert before != pipeline.config_hash(SampleConfig(k=8, top_p=0.9), [])
+    assert before == pipeline.config_hash(SampleConfig(k=8, top_p=1.0), [])  # a default

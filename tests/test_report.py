@@ -83,10 +83,49 @@ def test_load_loss_accepts_log_history_and_lists(tmp_path):
 def test_verdict_says_plainly_whether_rft_bt_beats_rft():
     row = {"arm": "rft_bt", "reference": "rft", "metric": "pass@1", "diff": 0.1,
            "significant": True}
-    assert "It beats it: significantly better on pass@1" in report.verdict([row])
+    assert "It beats it: significantly better on pass@1" in report.verdict([row], "rft_bt", "rft")
     flat = {**row, "metric": "pass@16", "diff": 0.01, "significant": False}
     assert "does not clearly beat it: no significant difference on pass@16" in \
-        report.verdict([flat])
+        report.verdict([flat], "rft_bt", "rft")
     worse = {**row, "diff": -0.1}
-    assert "does not clearly beat" in report.verdict([worse, flat])
-    assert "not both evaluated" in report.verdict([])
+    assert "does not clearly beat" in report.verdict([worse, flat], "rft_bt", "rft")
+    assert "not both evaluated" in report.verdict([], "rft_bt", "rft")
+
+
+def test_report_compares_arms_at_equal_tokens(tmp_path):
+    """An arm twice as long per sample gets, at a budget of k base samples, its pass@(k/2):
+    with every problem right half of the time, pass@1 = 0.5 and pass@2 = 1 - C(4,2)/C(8,2)."""
+    def records(tokens):
+        return [{"problem_id": f"p{p}", "sample_idx": i, "answer": "2", "completion": "x",
+                 "extracted": "2" if i % 2 else "3", "correct": bool(i % 2),
+                 "new_tokens": tokens, "finish_reason": "stop"}
+                for p in range(4) for i in range(8)]
+
+    _write_arm(tmp_path, "base", records(10))
+    _write_arm(tmp_path, "rft_bt", records(20))
+    path = report.main(report.ReportConfig(output_dir=str(tmp_path), arms=["base", "rft_bt"],
+                                           n_boot=100))
+    found = json.loads((tmp_path / "report" / "results.json").read_text())["compute_matched"]
+    assert found["reference"] == "base" and found["budgets"] == [10, 20, 40, 80]
+    base, long = found["arms"]["base"], found["arms"]["rft_bt"]
+    assert long["tokens_per_sample"] == 20 and base["pass_at_budget"][1] == pytest.approx(
+        1 - 6 / 28)  # base pass@2 at 20 tokens
+    assert long["pass_at_budget"][1] == pytest.approx(0.5)  # one long sample at 20 tokens
+    assert long["pass_at_budget"][0] == pytest.approx(0.25)  # half a sample: 0.5 x pass@1
+    assert long["pass_at_budget"][3] == pytest.approx(1 - 1 / 70)  # pass@4 at 80 tokens
+    text = path.read_text()
+    assert "equal samples" in text and "equal generated tokens" in text
+    assert (tmp_path / "report" / "pass_vs_tokens.png").stat().st_size > 0
+
+
+def test_report_plots_rl_curves_of_rl_arms(tmp_path):
+    _write_arm(tmp_path, "base", _records(0.3, seed=0))
+    _write_arm(tmp_path, "score@single", _records(0.4, seed=1))
+    (tmp_path / "models" / "score").mkdir(parents=True)
+    log = [{"step": s, "reward": 0.1 * s, "accuracy_attempt1": 0.2, "accuracy_attempt2": 0.3}
+           for s in (1, 2, 3)]
+    (tmp_path / "models" / "score" / "rl_log.json").write_text(json.dumps(log))
+    text = report.main(report.ReportConfig(output_dir=str(tmp_path), n_boot=100,
+                                           arms=["base", "score@single"])).read_text()
+    assert "rl_curves.png" in text
+    assert (tmp_path / "report" / "rl_curves.png").stat().st_size > 0

@@ -1,7 +1,8 @@
-"""Build the SFT datasets of the two arms from sample and backtrack records.
+"""Build the SFT dataset of every selected arm that trains with SFT, from the stages' records.
 
-`rft` holds the correct first attempts; `rft_bt` adds every wrong-then-right trace as one
-assistant turn in the model's own words (the cut wrong attempt, the phrase, the continuation).
+What goes into an arm's data is the arm's own `build` function (see `backtrack/methods/`, e.g.
+`rft` = correct first attempts, `rft_bt` = those plus wrong-then-right traces); this stage gives
+each the records it reads and writes every dataset the same way, in one all-or-nothing swap.
 Examples are stored pre-tokenised (`input_ids` + `completion_mask`) rather than as chat
 messages: TRL's SFTTrainer would re-render a conversational prompt with its own generation
 prompt and we need exact control over which tokens carry loss (`loss_on`). The prompt is the
@@ -25,14 +26,18 @@ from pathlib import Path
 
 from backtrack.config import CommonConfig, option
 from backtrack.errors import UserError
+from backtrack.fileio import replace_dir
+from backtrack.layout import RunLayout
 
 META_FILE = "backtrack_sft.json"  # tokenizer identity + build options, beside the arrow files
-ARMS = ("rft", "rft_bt")
 
 
 @dataclass
 class BuildConfig(CommonConfig):
-    """Build the `rft` and `rft_bt` SFT datasets under <output_dir>/sft/."""
+    """Build the SFT datasets of the selected arms under <output_dir>/sft/<arm>/."""
+
+    arms: list = option(["rft", "rft_bt"], "Arms whose SFT data to build (those of the recipe's "
+                        "`arms` that train with SFT, and their parents).")
 
     max_per_problem: int = option(
         0, "Cap on distinct correct first attempts kept per problem (0 = no cap).")
@@ -41,10 +46,71 @@ class BuildConfig(CommonConfig):
         "(as in the seed); `masked_wrong` = the wrong attempt is masked, the phrase, the "
         "continuation and the end-of-turn token carry loss (Physics of LMs 2.2 ablation).",
         choices=("all", "masked_wrong"))
+    s2r: dict = option({}, "S²R data options for the s2r arms (`methods/s2r_data.py` "
+                       "S2RDataConfig), e.g. {right_first_share: 0.5, max_wrong_attempts: 3}.")
+    confirm_share: float = option(
+        0.5, "rft_bt_confirm: share of confirm traces (a right first attempt, the phrase, the "
+        "same answer confirmed) among its examples that carry the phrase; 0.5 = as many as "
+        "wrong-then-right traces (fewer when the backtrack stage kept fewer).")
 
     def validate(self) -> None:
         if self.max_per_problem < 0:
             raise UserError("option 'max_per_problem': must be 0 (no cap) or more")
+        if not 0 <= self.confirm_share < 1:
+            raise UserError("option 'confirm_share': must be at least 0 and below 1")
+        sft_arms(self.arms)
+
+
+def sft_arms(names: list) -> list:
+    """The registry entries of `names` that build SFT data (others are a one-line error)."""
+    from backtrack.arms import get_arm
+
+    arms = [get_arm(name) for name in names]
+    wrong = [arm.name for arm in arms if arm.build is None]
+    if wrong:
+        raise UserError(f"option 'arms': {wrong} build no SFT data (SFT arms: "
+                        f"{[a for a in _all_sft_arms()]})")
+    return arms
+
+
+def _all_sft_arms() -> list[str]:
+    from backtrack.arms import ARMS, load_methods
+
+    load_methods()
+    return [name for name, arm in ARMS.items() if arm.build is not None]
+
+
+def outputs(config: BuildConfig) -> list[Path]:
+    return [RunLayout.of(config).sft]
+
+
+class BuildContext:
+    """What an arm's `build` function reads: records (loaded once), tokenizer, options."""
+
+    def __init__(self, config: BuildConfig, tokenizer):
+        self.config, self.tokenizer = config, tokenizer
+        self.layout = RunLayout.of(config)
+        self._cache: dict[str, list[dict]] = {}
+        self._task = None
+
+    def task(self):
+        """The recipe's task (its checker re-checks texts an arm derives from records)."""
+        if self._task is None:
+            from backtrack.tasks import get_task
+
+            self._task = get_task(self.config.task, self.config.task_args)
+        return self._task
+
+    def samples(self) -> list[dict]:
+        return self._read(self.layout.samples)
+
+    def traces(self) -> list[dict]:
+        return self._read(self.layout.backtrack)
+
+    def _read(self, folder: Path) -> list[dict]:
+        if str(folder) not in self._cache:
+            self._cache[str(folder)] = read_records(folder)
+        return self._cache[str(folder)]
 
 
 @dataclass
@@ -52,7 +118,7 @@ class Example:
     """One SFT example before tokenisation; `loss_from` = first completion char with loss."""
 
     problem_id: str
-    source: str  # "rft" or "bt"
+    source: str  # "rft", "bt" (wrong -> right), "fix" (clean corrected), "confirm" (right -> right)
     prompt: str
     completion: str
     loss_from: int = 0
@@ -98,14 +164,14 @@ def read_records(folder: Path) -> list[dict]:
     return RecordStore.read(folder).records()
 
 
-def _require(record: dict, keys: tuple, where: str) -> None:
+def require_keys(record: dict, keys: tuple, where: str) -> None:
     missing = [k for k in keys if k not in record]
     if missing:
         raise UserError(f"{where}: record {record.get('problem_id')!r}/"
                         f"{record.get('sample_idx')!r} lacks key(s) {missing}")
 
 
-def _prompt_text(tokenizer, prompt, where: str) -> str:
+def prompt_text(tokenizer, prompt, where: str) -> str:
     """Sample records carry the rendered prompt string; a message list is rendered here."""
     if isinstance(prompt, list):
         from backtrack.chat import render_prompt
@@ -114,67 +180,6 @@ def _prompt_text(tokenizer, prompt, where: str) -> str:
     if not isinstance(prompt, str) or not prompt:
         raise UserError(f"{where}: record has an empty or invalid 'prompt'")
     return prompt
-
-
-def rft_examples(records: list[dict], tokenizer, max_per_problem: int, where: str):
-    """Correct first attempts, identical completions (up to surrounding whitespace) once,
-    at most `max_per_problem` per problem in sample order."""
-    by_problem: dict[str, list[dict]] = {}
-    for record in records:
-        _require(record, ("problem_id", "sample_idx", "prompt", "completion", "correct"), where)
-        if record.get("round", 0) == 0 and record["correct"] is True:
-            by_problem.setdefault(str(record["problem_id"]), []).append(record)
-    examples, duplicates, capped = [], 0, 0
-    for problem_id in sorted(by_problem):
-        seen: set[str] = set()
-        for record in sorted(by_problem[problem_id], key=lambda r: r["sample_idx"]):
-            text = record["completion"]
-            if text.strip() in seen:
-                duplicates += 1
-                continue
-            if max_per_problem and len(seen) >= max_per_problem:
-                capped += 1
-                continue
-            seen.add(text.strip())
-            prompt = _prompt_text(tokenizer, record["prompt"], where)
-            examples.append(Example(problem_id, "rft", prompt, text))
-    return examples, {"duplicates_dropped": duplicates, "capped": capped}
-
-
-def trace_text(record: dict, where: str) -> tuple[str, int] | None:
-    """The assistant turn of a wrong-then-right trace and where its wrong part ends.
-
-    The first correct round is taken as the model saw it: its `prefix` (the cut wrong text,
-    earlier rounds included), then `phrase`, then the model's `completion`.
-    """
-    _require(record, ("problem_id", "prompt", "chain"), where)
-    for step in record["chain"]:
-        if step.get("round", 0) >= 1 and step.get("correct") is True:
-            _require(step, ("prefix", "phrase", "completion"), where)
-            text = step["prefix"] + step["phrase"] + step["completion"]
-            return text, len(step["prefix"])
-    return None
-
-
-def bt_examples(records: list[dict], tokenizer, loss_on: str, where: str):
-    """Every wrong-then-right trace (identical texts once), with the loss start chosen."""
-    examples, seen, duplicates = [], set(), 0
-    for record in sorted(records, key=lambda r: (str(r.get("problem_id")),
-                                                 r.get("sample_idx", 0),
-                                                 r.get("continuation_idx", 0))):
-        found = trace_text(record, where)
-        if found is None:
-            continue
-        text, wrong_end = found
-        key = (str(record["problem_id"]), text.strip())
-        if key in seen:
-            duplicates += 1
-            continue
-        seen.add(key)
-        prompt = _prompt_text(tokenizer, record["prompt"], where)
-        loss_from = wrong_end if loss_on == "masked_wrong" else 0
-        examples.append(Example(str(record["problem_id"]), "bt", prompt, text, loss_from))
-    return examples, {"duplicates_dropped": duplicates}
 
 
 def tokenize_example(tokenizer, example: Example, end_of_turn: str) -> dict:
@@ -205,6 +210,8 @@ def arm_stats(rows: list[dict]) -> dict:
         "examples": len(rows),
         "problems": len({r["problem_id"] for r in rows}),
         "backtracked_share": sum(r["source"] == "bt" for r in rows) / n,
+        "sources": {s: sum(r["source"] == s for r in rows) for s in sorted({r["source"]
+                                                                           for r in rows})},
         "mean_tokens": sum(len(r["input_ids"]) for r in rows) / n,
         "mean_completion_tokens": sum(len(r["input_ids"]) - r["prompt_length"] for r in rows) / n,
         "mean_loss_tokens": sum(sum(r["completion_mask"]) for r in rows) / n,
@@ -227,43 +234,24 @@ def load_base_tokenizer(path: str):
         raise UserError(f"{path}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from exc
 
 
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished temp folder into place; an older folder is removed only afterwards."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(final, old)
-    os.rename(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def build_arms(config: BuildConfig, tokenizer) -> tuple[dict[str, list[dict]], dict]:
-    """Tokenised rows of each arm plus the input-side statistics."""
-    out = Path(config.output_dir)
-    samples_dir, backtrack_dir = out / "samples", out / "backtrack"
-    samples = read_records(samples_dir)
-    traces = read_records(backtrack_dir)
-    rft, rft_info = rft_examples(samples, tokenizer, config.max_per_problem, str(samples_dir))
-    if not rft:
-        raise UserError(f"{samples_dir}: no correct samples among {len(samples)} records, so the "
-                        "rft arm would be empty (sample more, or use an easier task or a stronger "
-                        "model)")
-    bt, bt_info = bt_examples(traces, tokenizer, config.loss_on, str(backtrack_dir))
+    """Tokenised rows of each arm plus what each arm's build reported."""
+    context = BuildContext(config, tokenizer)
     end_of_turn = end_of_turn_text(tokenizer)
-    rft_rows = [tokenize_example(tokenizer, e, end_of_turn) for e in rft]
-    bt_rows = [tokenize_example(tokenizer, e, end_of_turn) for e in bt]
-    inputs = {
-        "sample_records": len(samples),
-        "correct_first_attempts": sum(r.get("correct") is True for r in samples),
-        "rft_duplicates_dropped": rft_info["duplicates_dropped"],
-        "rft_capped": rft_info["capped"],
-        "backtrack_records": len(traces),
-        "backtrack_final_correct": sum(trace_text(r, "") is not None for r in traces),
-        "bt_duplicates_dropped": bt_info["duplicates_dropped"],
-        "end_of_turn": end_of_turn,
-    }
-    return {"rft": rft_rows, "rft_bt": rft_rows + bt_rows}, inputs
+    rows, info = {}, {}
+    for arm in sft_arms(config.arms):
+        examples, info[arm.name] = arm.build(context)
+        rows[arm.name] = [tokenize_example(tokenizer, e, end_of_turn) for e in examples]
+    inputs = {"end_of_turn": end_of_turn, "per_arm": info}
+    if str(context.layout.samples) in context._cache:
+        samples = context.samples()
+        inputs.update(sample_records=len(samples),
+                      correct_first_attempts=sum(r.get("correct") is True for r in samples))
+    if str(context.layout.backtrack) in context._cache:
+        traces = context.traces()
+        inputs.update(backtrack_records=len(traces),
+                      backtrack_final_correct=sum(bool(r.get("final_correct")) for r in traces))
+    return rows, inputs
 
 
 def main(config: BuildConfig) -> None:
@@ -272,13 +260,14 @@ def main(config: BuildConfig) -> None:
 
     from backtrack.runinfo import write_run_info
 
-    out = Path(config.output_dir)
+    layout = RunLayout.of(config)
+    out = layout.output_dir
     model_path = resolve_base_model(config.model, config.output_dir)
     tokenizer = load_base_tokenizer(model_path)
     arms, inputs = build_arms(config, tokenizer)
     meta = {"tokenizer": tokenizer_identity(tokenizer), "loss_on": config.loss_on,
             "max_per_problem": config.max_per_problem, "base_model": model_path}
-    final = out / "sft"
+    final = layout.sft
     tmp = out / f".sft.tmp-{uuid.uuid4().hex[:8]}"
     try:
         for arm, rows in arms.items():
@@ -287,7 +276,8 @@ def main(config: BuildConfig) -> None:
         stats = {"arms": {arm: arm_stats(rows) for arm, rows in arms.items()},
                  "inputs": inputs, **meta}
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-        write_run_info(tmp, config, "build", inputs=[out / "samples", out / "backtrack"])
+        write_run_info(tmp, config, "build", inputs=[p for p in (layout.samples, layout.backtrack)
+                                                      if p.is_dir()])
         replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

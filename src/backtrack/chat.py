@@ -9,6 +9,8 @@ that rewrite assistant content (e.g. strip `<think>` blocks) when re-rendering a
 
 from __future__ import annotations
 
+from backtrack.formats import END_OF_TURN_MARKERS
+
 
 def render_prompt(tokenizer, messages: list[dict]) -> str:
     """The chat prompt up to and including the assistant header."""
@@ -28,7 +30,7 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     vocab = tokenizer.get_vocab()
-    for marker in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>"):
+    for marker in END_OF_TURN_MARKERS:
         if marker in vocab:
             ids.add(int(vocab[marker]))
     return sorted(ids)

@@ -30,6 +30,7 @@ from backtrack.answer_values import (
     LEAD_RE, NUMBER_RE, WORD_RE, canonical, eval_arithmetic, latex_number, latex_parse,
     math_verify_timeout, parse_number, strip_latex, surface,
 )
+from backtrack.formats import END_OF_TURN_MARKERS
 
 _ANSWER_RE = re.compile(
     r"(?<![\w])(?:(?:final|correct|right)\s+)?answer"
@@ -42,7 +43,7 @@ _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _NEXT_TURN_RE = re.compile(
     r"\n\s*(?:Q:|Question\s*\d*:|Problem\s*\d*:|Human:|User:|#+\s*(?:Question|Problem|Instruction)"
     r"|<\|(?:user|im_start)\|>)", re.IGNORECASE)
-_END_OF_TURN_RE = re.compile(r"<\|im_end\|>|<\|eot_id\|>|<\|endoftext\|>|<\|end_of_text\|>|</s>")
+_END_OF_TURN_RE = re.compile("|".join(map(re.escape, END_OF_TURN_MARKERS)))
 _RETRACT_RE = re.compile(
     r"[\s.!*$}]*(?:(?:but )?wait\b|hmm+\b|oops\b|actually\b|hold on\b|scratch that|no,"
     r"|(?:that|this)(?:'s| is) (?:not right|not correct|wrong|incorrect)"

@@ -32,12 +32,18 @@ STAGES = [
      "Build the RFT and RFT+BT SFT datasets from sample and backtrack records."),
     ("train", "backtrack.train", "TrainConfig", "train",
      "Fine-tune the base model on one arm with TRL SFTTrainer (full or LoRA)."),
+    ("rl", "backtrack.rl.stage", "RLConfig", "rl",
+     "On-policy RL of one arm (outcome RL, SCoRe) from a parent model with the hf engine."),
     ("eval", "backtrack.evaluate", "EvalConfig", "eval",
      "Sample n answers per test problem for each arm; pass@k, maj@k, self-correction stats."),
+    ("probe", "backtrack.probe", "ProbeConfig", "probe",
+     "Linear probe on the model's hidden state where the phrase would go: can it tell its "
+     "right answers from its wrong ones (held-out AUROC)?"),
     ("report", "backtrack.report", "ReportConfig", "report",
      "Write report.md, plots and results.json from the evaluation outputs."),
     ("run", "backtrack.pipeline", "RunConfig", "run",
-     "The whole experiment: toy base, sample, backtrack, build, train, eval, report."),
+     "The whole experiment for the recipe's arms: toy base, sample, backtrack, build, train, "
+     "eval, report."),
     ("check", "backtrack.check", "CheckConfig", None,
      "Score completions in a JSONL file against gold answers."),
 ]
@@ -73,8 +79,9 @@ def _make_command(module_name: str, class_name: str, section: str | None):
     def command(**kwargs):
         recipe = kwargs.pop("config")
         overrides = {k: v for k, v in kwargs.items() if v is not None}
-        if recipe is not None and "recipe" in hints:  # `run` resolves each stage from it
-            overrides.setdefault("recipe", str(recipe))
+        if hasattr(module, "run_recipe"):  # `run` resolves every step from the recipe itself
+            module.run_recipe(str(recipe) if recipe is not None else None, overrides)
+            return
         config = load_config(config_cls, recipe, section, overrides)
         module.main(config)
 
@@ -85,6 +92,36 @@ def _make_command(module_name: str, class_name: str, section: str | None):
 
 for _name, _module, _cls, _section, _help in STAGES:
     app.command(_name, help=_help)(_make_command(_module, _cls, _section))
+
+
+@app.command("study")
+def study_command(
+    config: Path = typer.Option(..., "--config", "-c", help="Study YAML file (a base recipe, "
+                                "seeds, variants; see backtrack/study.py)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and which runs "
+                                 "share each step, then exit; nothing runs."),
+    shard: str = typer.Option("", "--shard", help="Run only shard i/N of the runs (N "
+                              "processes or machines sharing one output_dir)."),
+    report_only: bool = typer.Option(False, "--report-only", help="Write the study report "
+                                     "from the runs evaluated so far; nothing runs."),
+) -> None:
+    """Run every (variant, seed) of a study, computing identical steps once, then report."""
+    from backtrack.study_run import run_study
+
+    run_study(config, dry_run=dry_run, shard=shard, report_only=report_only)
+
+
+@app.command("arms")
+def list_arms() -> None:
+    """List the arms (methods) and evaluation protocols."""
+    from backtrack.arms import describe
+    from backtrack.protocols import PROTOCOLS
+
+    for line in describe():
+        typer.echo(line)
+    typer.echo("\nprotocols (evaluate any arm under one with arm@protocol):")
+    for name, protocol in PROTOCOLS.items():
+        typer.echo(f"  {name:14s} {protocol.summary}")
 
 
 @app.command("tasks")

@@ -22,12 +22,37 @@ import yaml
 from backtrack.errors import UserError
 
 
-def option(default: Any, help: str, choices: tuple | None = None) -> Any:
-    """A dataclass field whose `help` is its documentation and its `--help` text."""
-    meta = {"help": help, "choices": choices}
+def option(default: Any, help: str, choices: tuple | None = None, hashed: bool = True,
+           in_store: bool = True, protocol: str | None = None) -> Any:
+    """A dataclass field whose `help` is its documentation and its `--help` text.
+
+    What a field does to a stage's output is declared here, and every step hash, store
+    fingerprint and cache key is derived from it (`hashed_values`, `store_values`):
+    - `hashed=False`: it changes how a stage runs, not what it produces (batching, threads,
+      progress bars, output_dir), so changing it never re-runs a step;
+    - `in_store=False`: it changes how many records a stage writes (k, limit, shard, engine),
+      not what a record holds, so a record store keeps its records when it changes;
+    - `protocol`: it matters only to evaluations under that protocol (e.g. the forcing phrase).
+    """
+    meta = {"help": help, "choices": choices, "hashed": hashed, "in_store": in_store,
+            "protocol": protocol}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def hashed_values(config: Any) -> dict:
+    """The fields of a config that change what its stage produces (see `option`)."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if f.metadata.get("hashed", True)}
+
+
+def store_values(config: Any, protocol: str | None = None) -> dict:
+    """The fields that shape a record (a store written with other values is refused);
+    protocol-specific fields only count for evaluations under that protocol."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if f.metadata.get("hashed", True) and f.metadata.get("in_store", True)
+            and f.metadata.get("protocol") in (None, protocol)}
 
 
 @dataclass
@@ -37,11 +62,15 @@ class CommonConfig:
     task: str = option("arith", "Task name (see `backtrack tasks`).")
     task_args: dict = option({}, "Task options, e.g. {path: data/gsm8k, limit: 200}.")
     model: str = option("toy", "Base model: hub id, local folder, or alias (toy, smollm2-135m).")
-    output_dir: str = option("runs/default", "Folder of the experiment; stages write under it.")
+    output_dir: str = option("runs/default", "Folder of the experiment; stages write under it.",
+                             hashed=False)
     seed: int = option(0, "Random seed for sampling, data order and training.")
 
 
-STAGE_SECTIONS = ("toy_base", "sample", "backtrack", "build", "train", "eval", "report")
+STAGE_SECTIONS = ("toy_base", "sample", "backtrack", "build", "train", "rl", "eval", "report",
+                  "probe")
+# Top-level recipe keys beyond CommonConfig's, applied to every stage config that has the field.
+RUN_KEYS = ("arms",)
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -128,17 +157,25 @@ def read_recipe(path: str | Path | None) -> dict:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from exc
+    check_recipe(data, str(path))
+    return data
+
+
+def check_recipe(data: Any, source: str) -> None:
+    """Refuse a recipe mapping with unknown top-level keys or a section that is no mapping.
+
+    Section keys are checked when a stage resolves its config (`resolve`)."""
     if not isinstance(data, dict):
-        raise UserError(f"{path}: a recipe must be a mapping of keys to values")
+        raise UserError(f"{source}: a recipe must be a mapping of keys to values")
     common = {f.name for f in dataclasses.fields(CommonConfig)}
     for key, value in data.items():
         if key in STAGE_SECTIONS:
             if value is not None and not isinstance(value, dict):
-                raise UserError(f"{path}: section '{key}' must be a mapping")
-        elif key not in common and key != "run":
-            raise UserError(f"{path}: unknown key '{key}' (shared keys: {sorted(common)}; "
+                raise UserError(f"{source}: section '{key}' must be a mapping")
+        elif key not in common and key not in RUN_KEYS and key != "run":
+            raise UserError(f"{source}: unknown key '{key}' (shared keys: "
+                            f"{sorted(common) + list(RUN_KEYS)}; "
                             f"sections: {list(STAGE_SECTIONS)})")
-    return data
 
 
 def resolve(cls: type, recipe: dict, section: str | None, overrides: dict | None = None,
@@ -149,7 +186,7 @@ def resolve(cls: type, recipe: dict, section: str | None, overrides: dict | None
     common = {f.name for f in dataclasses.fields(CommonConfig)}
     values: dict[str, tuple[Any, str]] = {}
     for key, value in recipe.items():
-        if key in common and key in names:
+        if (key in common or key in RUN_KEYS) and key in names:
             values[key] = (value, f"{source}: key '{key}'")
     stage_values = (recipe.get(section) or {}) if section else {}
     for key, value in stage_values.items():

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
+# Tokens that end an assistant turn in common chat templates (ChatML, Llama 3, Gemma, GPT-2).
+END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>",
+                       "<end_of_turn>", "</s>")
 
 PHRASE_PRESETS = {"mild": "Wait, that's not right...", "strong": "Wait, that's definitely wrong..."}
 

@@ -13,7 +13,9 @@ Conventions (documented because results depend on them):
   one backtrack, "Wait, that's not right... Hmm, let me check that again." is two.
 - The first answer of a trace is the answer stated in the text before its first backtrack
   (the last number of that text when no answer marker is present); without a backtrack, the
-  first answer is the final answer.
+  first answer is the final answer. Under the two_attempt protocol it is attempt 1, checked
+  when it was generated (`attempt1_correct`), so acc_first / acc_final / delta_* are SCoRe's
+  Acc@t1 / Acc@t2 / Δi→c / Δc→i, and delta_t1_t2 = Acc@t2 - Acc@t1.
 """
 
 from __future__ import annotations
@@ -186,6 +188,9 @@ def _self_correction(group: list[dict], pattern: str, check_first: Callable | No
     for record in group:
         text = record.get("completion") or ""
         counts.append(count_backtracks(text, pattern))
+        if "attempt1_correct" in record:  # two_attempt protocol: attempt 1 was checked
+            first_ok.append(bool(record["attempt1_correct"]))
+            continue
         first = first_attempt_text(text, pattern)
         if first is None or check_first is None:
             first_ok.append(bool(record["correct"]))
@@ -235,12 +240,25 @@ def problem_metrics(groups: dict[str, list[dict]], ks: Sequence[int],
         add("acc_final", correct.sum(), n)
         add("delta_i2c", (~first_ok & correct).sum(), n)
         add("delta_c2i", (first_ok & ~correct).sum(), n)
+        add("delta_t1_t2", correct.sum() - first_ok.sum(), n)
         add("no_answer_share", sum(a is None for a in answers), n)
         add("truncated_share", sum(r.get("finish_reason") == "length" for r in group), n)
         add("mean_new_tokens", sum(int(r.get("new_tokens") or 0) for r in group), n)
     arrays = {name: (np.array([v[0] for v in vals]), np.array([v[1] for v in vals]))
               for name, vals in rows.items()}
     return {"problems": ids, "arrays": arrays, "histogram": dict(sorted(hist.items()))}
+
+
+def with_cis(arrays: dict, n_boot: int, seed: int) -> tuple[dict, dict]:
+    """(metric -> {value, low, high}, metric -> per-problem values) from per-problem
+    (numerator, denominator) arrays; undefined figures (no denominator) are None (JSON null)."""
+    metrics, per_problem = {}, {}
+    for name, (num, den) in arrays.items():
+        point, low, high = bootstrap_ci(num, den, n_boot=n_boot, seed=seed)
+        metrics[name] = {k: None if math.isnan(v) else v
+                         for k, v in (("value", point), ("low", low), ("high", high))}
+        per_problem[name] = [None if d == 0 else float(x / d) for x, d in zip(num, den)]
+    return metrics, per_problem
 
 
 def summarize(records: Iterable[dict], ks: Sequence[int] | None = None,
@@ -259,13 +277,7 @@ def summarize(records: Iterable[dict], ks: Sequence[int] | None = None,
     n_min = min(len(g) for g in groups.values())
     ks = list(ks) if ks else power_of_two_ks(n_min)
     table = problem_metrics(groups, ks, pattern, normalize, check_first, max_subsets, seed)
-    metrics, per_problem = {}, {}
-    for name, (num, den) in table["arrays"].items():
-        point, low, high = bootstrap_ci(num, den, n_boot=n_boot, seed=seed)
-        # undefined (e.g. accuracy of answers that backtracked, when none did) -> null in JSON
-        metrics[name] = {k: None if math.isnan(v) else v
-                         for k, v in (("value", point), ("low", low), ("high", high))}
-        per_problem[name] = [None if d == 0 else float(x / d) for x, d in zip(num, den)]
+    metrics, per_problem = with_cis(table["arrays"], n_boot, seed)
     total = sum(len(g) for g in groups.values())
     return {"problems": len(groups), "samples": total, "samples_per_problem": n_min,
             "ks": ks, "metrics": metrics, "backtrack_histogram": table["histogram"],

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from backtrack.errors import UserError
+from backtrack.fileio import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,6 @@ ALIASES = ("toy", SMOLLM2_ALIAS)
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("BACKTRACK_CACHE", Path.home() / ".cache" / "backtrack"))
 
 
 def resolve_model_path(name: str, output_dir: str | None = None) -> str:

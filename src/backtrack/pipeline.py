@@ -1,21 +1,27 @@
-"""`backtrack run`: the whole experiment from one recipe, resumable stage by stage.
+"""`backtrack run`: the whole experiment from one recipe, resumable step by step.
 
-Stages: toy base model (when `model: toy`), sample on the train split, backtrack, build both
-SFT arms, train both arms, evaluate every arm, report. Each stage's config is resolved from the
-same recipe as its own subcommand would (top-level keys, then its section), and shared options
-given on the command line (`--seed`, `--output-dir`, ...) apply to every stage.
+The plan comes from the arms registry: the recipe's `arms` (evaluations, e.g. `[base, rft,
+rft_bt, budget_forcing]`) pull in the arms they need and their parents; the toy base runs when
+`model: toy`; sample / backtrack run when an arm's data reads them; build writes every SFT arm's
+data; each trained arm gets one training step (`train` for SFT, `rl` for RL) from its parent's
+model; every evaluation gets an eval step; the report reads them all. Each step's config is
+resolved from the same recipe as its own subcommand would (top-level keys, then its section),
+and the shared options given on the command line (`--seed`, `--output-dir`, ...) apply to
+every step.
 
-A stage counts as done when `<output_dir>/run/stages/<stage>.json` holds the hash of its
-resolved config and of the stages it reads from; the marker is written only after the stage
-returns, so an interrupted stage runs again (its record stores resume record by record, and
-training resumes from its last checkpoint). A changed config re-runs the stage and everything
-downstream of it.
+A step counts as done when `<output_dir>/run/stages/<step>.json` holds the hash of its config's
+hashed fields (`config.option(hashed=...)`) and of the steps it reads from, and its outputs
+(`outputs(config)` / `done(config)` of the stage module) are still there; the marker is written
+only after the step returns, so an interrupted step runs again (record stores resume record by
+record, training from its last checkpoint). A changed config re-runs the step and everything
+downstream of it, after moving its old outputs to `run/stale/`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import os
 import time
@@ -23,34 +29,50 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from backtrack.config import CommonConfig, option, read_recipe, resolve
+from backtrack.config import CommonConfig, hashed_values, option, read_recipe, resolve
 from backtrack.errors import UserError
+from backtrack.fileio import read_json, write_json
+from backtrack.layout import RunLayout
+from backtrack.share import SHARED_STAGES, StepShare
 
-ALL_STAGES = ("toy_base", "sample", "backtrack", "build", "train", "eval", "report")
-# Fields that change how a stage runs, not what it produces (markers live in output_dir, so
-# a moved run folder stays done).
-UNHASHED_FIELDS = {"resume", "batch_size", "engine_args", "progress", "output_dir"}
+ALL_STAGES = ("toy_base", "sample", "backtrack", "build", "train", "rl", "eval", "report")
 EMBEDDED_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "toy.yaml"
+# stage -> (module, config class); a training kind of the registry is a stage name
+STAGE_MODULES = {
+    "toy_base": ("backtrack.toy_base", "ToyBaseConfig"),
+    "sample": ("backtrack.sample", "SampleConfig"),
+    "backtrack": ("backtrack.backtracking", "BacktrackConfig"),
+    "build": ("backtrack.build", "BuildConfig"),
+    "train": ("backtrack.train", "TrainConfig"),
+    "rl": ("backtrack.rl.stage", "RLConfig"),
+    "eval": ("backtrack.evaluate", "EvalConfig"),
+    "report": ("backtrack.report", "ReportConfig"),
+}
+TRAINING_STAGES = {"sft": "train", "rl": "rl"}
 
 
 @dataclass
 class RunConfig(CommonConfig):
-    """Run every stage of the experiment from one recipe, skipping stages already done."""
+    """Run every step of the experiment from one recipe, skipping steps already done."""
 
-    recipe: str = option("", "Recipe the stages are resolved from (set by --config; default: "
-                         "the embedded recipes/toy.yaml).")
+    arms: list = option(["base", "rft", "rft_bt", "budget_forcing"], "Evaluations to run and "
+                        "report: arm names (`backtrack arms`) or arm@protocol.")
     stages: list = option(list(ALL_STAGES), "Stages to run, in pipeline order (others are "
-                          "assumed done).", )
-    force: bool = option(False, "Re-run the selected stages even when their output exists.")
+                          "assumed done).", hashed=False)
+    force: bool = option(False, "Re-run the selected stages even when their output exists.",
+                         hashed=False)
     accelerate_config: str = option("", "Run the train steps as `accelerate launch "
                                     "--config_file <this>` subprocesses (multi-GPU); empty = "
-                                    "in this process.")
+                                    "in this process.", hashed=False)
 
     def validate(self) -> None:
+        from backtrack.arms import validate_evaluations
+
         unknown = [s for s in self.stages if s not in ALL_STAGES]
         if unknown:
             raise UserError(f"option 'stages': unknown stage(s) {unknown} (known: "
                             f"{list(ALL_STAGES)})")
+        validate_evaluations(self.arms)
 
 
 @dataclass
@@ -63,78 +85,128 @@ class Step:
     run: Callable[[Any], Any]
     deps: list[str]
 
+    @property
+    def module(self):
+        return importlib.import_module(STAGE_MODULES[self.stage][0])
 
-def effective_config(config: RunConfig) -> tuple[RunConfig, dict, str, dict]:
-    """The run config with the recipe applied, the recipe, its name and the CLI overrides.
+    def outputs(self) -> list[Path]:
+        return self.module.outputs(self.config)
 
-    Overrides are the fields whose value differs from what the recipe alone gives (without
-    --config the CLI resolved against plain defaults, and the embedded recipe applies).
+    def done(self) -> bool:
+        """Whether its outputs are still there (a cleaned cache or folder means re-run)."""
+        check = getattr(self.module, "done", None)
+        return check(self.config) if check else all(p.exists() for p in self.outputs())
+
+
+def resolve_run(recipe_path: str | None, overrides: dict) -> tuple[RunConfig, dict, str, dict]:
+    """The run config, the recipe, its name and the shared overrides, from what the CLI got.
+
+    Without a recipe path the embedded toy recipe applies. Shared overrides are the
+    CommonConfig fields given on the command line; they reach every step.
     """
-    if config.recipe:
-        recipe, source = read_recipe(config.recipe), config.recipe
-        reference = resolve(RunConfig, recipe, "run", source=source)
+    if recipe_path:
+        recipe, source = read_recipe(recipe_path), str(recipe_path)
+    elif EMBEDDED_RECIPE.is_file():
+        recipe, source = read_recipe(EMBEDDED_RECIPE), str(EMBEDDED_RECIPE)
     else:
-        embedded = EMBEDDED_RECIPE.is_file()
-        recipe = read_recipe(EMBEDDED_RECIPE) if embedded else {}
-        source = str(EMBEDDED_RECIPE) if embedded else "defaults"
-        reference = RunConfig()
-    overrides = {f.name: getattr(config, f.name) for f in dataclasses.fields(RunConfig)
-                 if f.name != "recipe" and getattr(config, f.name) != getattr(reference, f.name)}
-    effective = resolve(RunConfig, recipe, "run", overrides, source=source)
-    effective.recipe = source if recipe else ""
-    shared = {k: v for k, v in overrides.items()
-              if k in {f.name for f in dataclasses.fields(CommonConfig)}}
-    return effective, recipe, source, shared
+        recipe, source = {}, "defaults"
+    return resolve_recipe(recipe, source, overrides)
+
+
+def resolve_recipe(recipe: dict, source: str, overrides: dict
+                   ) -> tuple[RunConfig, dict, str, dict]:
+    """`resolve_run` for a recipe mapping already in hand (a study's merged recipes)."""
+    config = resolve(RunConfig, recipe, "run", overrides, source=source)
+    common = {f.name for f in dataclasses.fields(CommonConfig)}
+    shared = {k: v for k, v in overrides.items() if k in common}
+    return config, recipe, source if recipe else "", shared
 
 
 def plan(config: RunConfig, recipe: dict, source: str, shared: dict) -> list[Step]:
-    """The steps of the experiment with configs resolved from the recipe."""
-    from backtrack import backtracking, build, evaluate, report, sample, toy_base, train
+    """The steps of the experiment with configs resolved from the recipe and the registry."""
+    from backtrack.arms import model_source, parse_evaluation, required_arms
 
-    def cfg(cls, section, **extra):
-        return resolve(cls, recipe, section, {**shared, **extra}, source=source)
+    evaluations = [parse_evaluation(e) for e in config.arms]
+    arms = required_arms([e.arm.name for e in evaluations])
 
+    def cfg(stage, **extra):
+        module, cls_name = STAGE_MODULES[stage]
+        cls = getattr(importlib.import_module(module), cls_name)
+        return resolve(cls, recipe, stage, {**shared, **extra}, source=source or "defaults")
+
+    needed = _stage_args(arms, recipe)
+
+    def step(name, stage, deps, **extra):
+        conf = cfg(stage, **{**needed.get(stage, {}), **extra})
+        return Step(name, stage, conf, getattr(importlib.import_module(
+            STAGE_MODULES[stage][0]), "main"), deps)
+
+    data_arms = [a.name for a in arms if a.build is not None]
+    reads = {stage for a in arms if a.build is not None for stage in a.reads}
     base = ["toy_base"] if config.model == "toy" else []
-    steps = []
-    if config.model == "toy":
-        steps.append(Step("toy_base", "toy_base", cfg(toy_base.ToyBaseConfig, "toy_base"),
-                          toy_base.main, []))
-    steps += [
-        Step("sample", "sample", cfg(sample.SampleConfig, "sample"), sample.main, base),
-        Step("backtrack", "backtrack", cfg(backtracking.BacktrackConfig, "backtrack"),
-             backtracking.main, ["sample"]),
-        Step("build", "build", cfg(build.BuildConfig, "build"), build.main, ["backtrack"]),
-    ]
-    for arm in ("rft", "rft_bt"):
-        run_train = train.main
-        if config.accelerate_config:
-            run_train = _accelerate_launcher(config, shared)
-        steps.append(Step(f"train_{arm}", "train", cfg(train.TrainConfig, "train", arm=arm),
-                          run_train, ["build"]))
-    eval_config = cfg(evaluate.EvalConfig, "eval")
-    for arm in eval_config.arms:
-        deps = [f"train_{arm}"] if arm in ("rft", "rft_bt") else base
-        steps.append(Step(f"eval_{arm}", "eval", dataclasses.replace(eval_config, arms=[arm]),
-                          evaluate.main, deps))
-    report_config = cfg(report.ReportConfig, "report")
-    report_config = dataclasses.replace(report_config, arms=list(eval_config.arms))
-    steps.append(Step("report", "report", report_config, report.main,
-                      [f"eval_{arm}" for arm in eval_config.arms]))
+
+    def model_step(arm_name: str) -> list[str]:
+        source = model_source(arm_name)
+        return [f"train_{source.name}"] if source else base
+
+    steps = [step("toy_base", "toy_base", [])] if base else []
+    if "sample" in reads or "backtrack" in reads:
+        steps.append(step("sample", "sample", base))
+    if "backtrack" in reads:
+        steps.append(step("backtrack", "backtrack", ["sample"]))
+    if data_arms:
+        upstream = [s for s in ("sample", "backtrack") if s in reads and s in
+                    {x.name for x in steps}][-1:]
+        steps.append(step("build", "build", upstream, arms=data_arms))
+    for arm in (a for a in arms if a.training):
+        deps = (["build"] if arm.build else []) + (model_step(arm.parent) if arm.parent else base)
+        steps.append(_training_step(config, source, shared, step, arm, deps))
+    for evaluation in evaluations:
+        steps.append(step(f"eval_{evaluation.name}", "eval", model_step(evaluation.arm.name),
+                          arms=[evaluation.name]))
+    steps.append(step("report", "report", [f"eval_{e.name}" for e in evaluations],
+                      arms=[e.name for e in evaluations]))
     return steps
 
 
-def _accelerate_launcher(config: RunConfig, shared: dict) -> Callable[[Any], None]:
-    """A train step that runs `backtrack train` under `accelerate launch` (one process per
-    GPU), since a multi-process launch cannot happen inside this process."""
+def _stage_args(arms: list, recipe: dict) -> dict[str, dict]:
+    """Options the selected arms need from upstream steps (largest value wins); what the
+    recipe's own section sets is left to the recipe."""
+    merged: dict[str, dict] = {}
+    for arm in arms:
+        for stage, options in arm.stage_args.items():
+            for key, value in options.items():
+                if key in (recipe.get(stage) or {}):
+                    continue
+                old = merged.setdefault(stage, {}).get(key)
+                merged[stage][key] = value if old is None else max(old, value)
+    return merged
+
+
+def _training_step(config: RunConfig, source: str, shared: dict, step: Callable, arm,
+                   deps: list[str]) -> Step:
+    """The training step of an arm: SFT (`train`) or RL (`rl`), with the arm's fixed options."""
+    stage = TRAINING_STAGES[arm.training]
+    extra = {"parent": arm.parent or "base"} if stage == "rl" else {}
+    built = step(f"train_{arm.name}", stage, deps, arm=arm.name, **extra, **arm.train_args)
+    if config.accelerate_config:
+        built.run = _accelerate_launcher(config, source, shared, stage)
+    return built
+
+
+def _accelerate_launcher(config: RunConfig, source: str, shared: dict,
+                        stage: str = "train") -> Callable[[Any], None]:
+    """A training step that runs `backtrack train` (or `rl`) under `accelerate launch` (one
+    process per GPU), since a multi-process launch cannot happen inside this process."""
     import subprocess
     import sys
 
     def launch(train_config) -> None:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                   config.accelerate_config, "-m", "backtrack.cli", "train", "--arm",
+                   config.accelerate_config, "-m", "backtrack.cli", stage, "--arm",
                    train_config.arm, "--resume", str(train_config.resume).lower()]
-        if config.recipe:
-            command += ["--config", config.recipe]
+        if source:
+            command += ["--config", source]
         for key, value in shared.items():
             text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
             command += ["--" + key.replace("_", "-"), text]
@@ -147,128 +219,145 @@ def _accelerate_launcher(config: RunConfig, shared: dict) -> Callable[[Any], Non
 
 
 def config_hash(config: Any, dep_hashes: list[str]) -> str:
-    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in UNHASHED_FIELDS}
-    text = json.dumps([fields, sorted(dep_hashes)], sort_keys=True, default=str)
+    """A step's hash: its hashed fields that differ from their defaults, and its inputs'
+    hashes. Leaving defaults out means a newly added option does not re-run finished runs."""
+    defaults = hashed_values(type(config)())
+    values = {k: v for k, v in hashed_values(config).items() if defaults.get(k) != v}
+    text = json.dumps([values, sorted(dep_hashes)], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _marker(output_dir: Path, name: str) -> Path:
-    return output_dir / "run" / "stages" / f"{name}.json"
-
-
-def _read_marker(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def step_outputs(step: Step, output_dir: Path) -> list[Path]:
-    """The folders a step writes (the toy model itself is cached by config hash elsewhere)."""
-    if step.stage == "train":
-        return [output_dir / "models" / step.config.arm,
-                output_dir / "checkpoints" / step.config.arm]
-    if step.stage == "eval":
-        from backtrack.evaluate import eval_dir
-
-        return [eval_dir(step.config) / arm for arm in step.config.arms]
-    folder = {"toy_base": "toy_base", "sample": "samples", "backtrack": "backtrack",
-              "build": "sft", "report": "report"}[step.stage]
-    return [output_dir / folder]
-
-
-def outputs_exist(step: Step, output_dir: Path) -> bool:
-    """Whether a step's outputs are still there (a cleaned cache or folder means re-run)."""
-    if step.stage == "toy_base":
-        info = _read_marker(output_dir / "toy_base" / "run.json") or {}
-        return (Path(info.get("model_dir", "/nonexistent")) / "config.json").is_file()
-    folders = step_outputs(step, output_dir)
-    if step.stage == "train":
-        folders = folders[:1]  # checkpoints are optional
-    return all(folder.exists() for folder in folders)
-
-
-def _prepare(step: Step, marker: dict | None, changed: bool, output_dir: Path) -> Any:
+def _prepare(step: Step, marker: dict | None, changed: bool, layout: RunLayout) -> Any:
     """Before a (re-)run: set aside outputs of an older config; resume interrupted training.
 
     Outputs of a changed config are moved to `run/stale/` rather than deleted, and a record
     store would refuse them anyway (its fingerprint differs).
     """
     if changed:
-        stale = output_dir / "run" / "stale" / time.strftime("%Y%m%d-%H%M%S")
-        for folder in step_outputs(step, output_dir):
+        stale = layout.stale / time.strftime("%Y%m%d-%H%M%S")
+        for folder in step.outputs():
             if folder.exists():
                 stale.mkdir(parents=True, exist_ok=True)
-                name = str(folder.relative_to(output_dir)).replace(os.sep, "-")
+                name = str(folder.relative_to(layout.output_dir)).replace(os.sep, "-")
                 os.replace(folder, stale / f"{step.name}-{name}")
                 print(f"[run] {step.name}: moved old output {folder} to {stale}")
-    if step.stage == "train":
-        interrupted = marker is None and (output_dir / "checkpoints" / step.config.arm).is_dir()
+    if hasattr(step.config, "resume"):  # training steps: continue an interrupted run
+        interrupted = marker is None and layout.checkpoints(step.config.arm).is_dir()
         return dataclasses.replace(step.config, resume=interrupted)
     return step.config
 
 
-def run_steps(config: RunConfig, steps: list[Step]) -> dict:
-    """Run the selected steps in order, skipping done ones; returns per-step timings."""
-    output_dir = Path(config.output_dir)
+def step_digests(steps: list[Step]) -> dict[str, str]:
+    """Each step's digest: its hashed config fields and the digests of the steps it reads."""
     hashes: dict[str, str] = {}
+    for step in steps:
+        hashes[step.name] = config_hash(step.config, [hashes.get(d, "") for d in step.deps])
+    return hashes
+
+
+def steps_done(config: RunConfig, steps: list[Step]) -> dict[str, bool]:
+    """Whether each step is done (its marker holds its digest and its outputs are there)."""
+    layout = RunLayout.of(config)
+    hashes = step_digests(steps)
+    return {s.name: _is_done(s, read_json(layout.markers / f"{s.name}.json"), hashes[s.name])
+            for s in steps}
+
+
+def _is_done(step: Step, marker: dict | None, digest: str) -> bool:
+    return marker is not None and marker.get("config_hash") == digest and step.done()
+
+
+def run_steps(config: RunConfig, steps: list[Step], share: StepShare | None = None) -> dict:
+    """Run the selected steps in order, skipping done ones; returns per-step timings.
+
+    With a `share` (a study's), a step of a shared stage whose digest another run has computed
+    is linked from there instead of run, and one run here is published there."""
+    layout = RunLayout.of(config)
+    hashes = step_digests(steps)
     timings: dict[str, dict] = {}
     for step in steps:
-        digest = config_hash(step.config, [hashes.get(d, "") for d in step.deps])
-        hashes[step.name] = digest
-        marker_path = _marker(output_dir, step.name)
-        marker = _read_marker(marker_path)
-        selected = step.stage in config.stages
-        done = (marker is not None and marker.get("config_hash") == digest
-                and outputs_exist(step, output_dir))
-        if not selected or (done and not config.force):
+        digest = hashes[step.name]
+        marker_path = layout.markers / f"{step.name}.json"
+        marker = read_json(marker_path)
+        done = _is_done(step, marker, digest)
+        if step.stage not in config.stages or (done and not config.force):
             why = "done" if done else "not selected"
             print(f"[run] {step.name}: skipped ({why})", flush=True)
             timings[step.name] = {"status": "skipped", "seconds": 0.0}
             continue
-        changed = (marker is not None and marker.get("config_hash") != digest) or config.force
-        if changed:
-            print(f"[run] {step.name}: config changed or forced; running again")
-        print(f"[run] {step.name}: running", flush=True)
-        start = time.perf_counter()
-        step.run(_prepare(step, marker, changed, output_dir))
-        seconds = time.perf_counter() - start
-        _write_json(marker_path, {"config_hash": digest, "seconds": round(seconds, 2),
-                                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        sharing = share is not None and step.stage in SHARED_STAGES
+        if sharing and not config.force and share.complete(step.name, digest):
+            folder = share.link(step, digest, layout)
+            write_json(marker_path, {"config_hash": digest, "seconds": 0.0, "shared": str(folder),
+                                     "linked": True,
+                                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            timings[step.name] = {"status": "linked", "seconds": 0.0}
+            print(f"[run] {step.name}: linked from {folder}", flush=True)
+            continue
+        seconds, folder = _run_step(step, digest, marker, config, layout,
+                                    share if sharing else None)
+        write_json(marker_path, {"config_hash": digest, "seconds": round(seconds, 2),
+                                 **({"shared": str(folder)} if folder else {}),
+                                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         timings[step.name] = {"status": "ran", "seconds": round(seconds, 2)}
         print(f"[run] {step.name}: done in {_fmt(seconds)}", flush=True)
     return timings
+
+
+def _run_step(step: Step, digest: str, marker: dict | None, config: RunConfig,
+              layout: RunLayout, share: StepShare | None) -> tuple[float, Path | None]:
+    """Run one step in the run (publishing it to `share` if given): (seconds, share folder)."""
+    changed = (marker is not None and marker.get("config_hash") != digest) or config.force
+    if changed:
+        print(f"[run] {step.name}: config changed or forced; running again")
+    if share is not None:
+        share.detach(step)
+    print(f"[run] {step.name}: running", flush=True)
+    start = time.perf_counter()
+    step.run(_prepare(step, marker, changed, layout))
+    seconds = time.perf_counter() - start
+    folder = None
+    if share is not None:
+        folder = share.publish(step, digest, layout, {"seconds": round(seconds, 2)})
+    return seconds, folder
 
 
 def _fmt(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
-def main(config: RunConfig) -> Path:
+def run_recipe(recipe_path: str | None, overrides: dict, share_dir: Path | None = None) -> Path:
+    """`backtrack run`: plan from the recipe and the command-line overrides, run, report.
+
+    `share_dir` (a study's `shared/` folder) shares steps with other runs (see share.py)."""
     from backtrack.runinfo import write_run_info
 
-    config, recipe, source, shared = effective_config(config)
-    output_dir = Path(config.output_dir)
+    config, recipe, source, shared = resolve_run(recipe_path, overrides)
+    layout = RunLayout.of(config)
     steps = plan(config, recipe, source, shared)
     start = time.perf_counter()
-    timings = run_steps(config, steps)
+    timings = run_steps(config, steps, StepShare(Path(share_dir)) if share_dir else None)
     total = time.perf_counter() - start
     timings["total"] = {"seconds": round(total, 2)}
-    _write_json(output_dir / "timings.json", timings)
-    write_run_info(output_dir, config, "run", inputs=[config.recipe] if config.recipe else [],
-                   extra={"steps": {s.name: dataclasses.asdict(s.config) for s in steps},
+    write_json(layout.timings, timings)
+    write_run_info(layout.output_dir, config, "run", inputs=[source] if source else [],
+                   extra={"recipe": source, "overrides": overrides,
+                          "share_dir": str(share_dir) if share_dir else None,
+                          "steps": {s.name: dataclasses.asdict(s.config) for s in steps},
                           "timings": timings})
     ran = [f"{name} {_fmt(t['seconds'])}" for name, t in timings.items()
            if t.get("status") == "ran"]
-    print("[run] wall time per step: " + (", ".join(ran) or "nothing to do, every step was done"),
-          flush=True)
-    report_md = output_dir / "report" / "report.md"
+    linked = [name for name, t in timings.items() if t.get("status") == "linked"]
+    summary = ", ".join(ran) or ("nothing ran" if linked else "nothing to do, every step was done")
+    if linked:
+        summary += f"; linked from shares: {', '.join(linked)}"
+    print("[run] wall time per step: " + summary, flush=True)
+    report_md = layout.report / "report.md"
     print(f"[run] total {_fmt(total)}; report: {report_md}", flush=True)
     return report_md
+
+
+def main(config: RunConfig) -> Path:
+    """Run with a resolved config (programmatic use): its fields act as the overrides."""
+    overrides = {f.name: getattr(config, f.name) for f in dataclasses.fields(RunConfig)}
+    return run_recipe(None, overrides)

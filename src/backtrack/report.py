@@ -18,14 +18,32 @@ from pathlib import Path
 
 import numpy as np
 
+from backtrack import compute_matched
 from backtrack.config import CommonConfig, option
 from backtrack.errors import UserError
+from backtrack.evaluate import DEFAULT_ARMS
+from backtrack.fileio import read_json, replace_dir
+from backtrack.layout import RunLayout
 from backtrack.metrics import paired_bootstrap
 
-DEFAULT_ARMS = ["base", "rft", "rft_bt", "budget_forcing"]
 DATA_FILES = {"sample": "samples/summary.json", "backtrack": "backtrack/summary.json",
               "sft": "sft/stats.json"}
-COMPARISONS = [("rft_bt", "rft"), ("rft", "base"), ("rft_bt", "base"), ("budget_forcing", "base")]
+SELF_VERIFY = [
+    ("verdicts_per_answer", "verdicts/answer", False),
+    ("verdict_accuracy", "verdict acc.", True),
+    ("wrong_precision", "'wrong' precision", True),
+    ("wrong_recall", "'wrong' recall", True),
+    ("attempts_per_answer", "attempts/answer", False),
+    ("attempt_delta_i2c", "Δ(i→c)", True),
+    ("attempt_delta_c2i", "Δ(c→i)", True),
+]
+TWO_ATTEMPT = [
+    ("acc_first", "Acc@t1", True),
+    ("acc_final", "Acc@t2", True),
+    ("delta_t1_t2", "Δ(t1,t2)", True),
+    ("delta_i2c", "Δ(i→c)", True),
+    ("delta_c2i", "Δ(c→i)", True),
+]
 SELF_CORRECTION = [
     ("backtracks_per_answer", "backtracks/answer", False),
     ("share_backtracked", ">=1 backtrack", True),
@@ -44,17 +62,22 @@ SELF_CORRECTION = [
 class ReportConfig(CommonConfig):
     """Write report.md, plots and results.json from the evaluation outputs."""
 
-    arms: list = option(list(DEFAULT_ARMS), "Arms to report (folders under <output_dir>/eval/).")
+    arms: list = option(list(DEFAULT_ARMS), "Evaluations to report: arm or arm@protocol "
+                        "(folders under <output_dir>/eval/).")
     compare_metrics: list = option(
         ["pass@1", "pass@4", "pass@n", "maj@n"],
         "Metrics for the significance sentences; 'n' means the largest k evaluated.")
     n_boot: int = option(10000, "Bootstrap resamples for the paired comparisons.")
 
 
+def outputs(config: ReportConfig) -> list[Path]:
+    return [RunLayout.of(config).report]
+
+
 def _load_arms(output_dir: Path, arms: list[str]) -> dict[str, dict]:
     found = {}
     for arm in arms:
-        path = output_dir / "eval" / arm / "metrics.json"
+        path = RunLayout(output_dir).evaluation(arm) / "metrics.json"
         if path.is_file():
             try:
                 found[arm] = json.loads(path.read_text())
@@ -92,12 +115,24 @@ def _resolve_metric(name: str, ks: list[int]) -> str:
     return name.replace("@n", f"@{max(ks)}")
 
 
+def comparison_pairs(names: list[str]) -> list[tuple[str, str]]:
+    """(evaluation, reference) pairs from each arm's `compare_with` in the registry; an
+    evaluation under a non-default protocol is compared with the same arm under its own."""
+    from backtrack.arms import parse_evaluation
+
+    pairs = []
+    for name in names:
+        evaluation = parse_evaluation(name)
+        refs = evaluation.arm.compare_with if name == evaluation.arm.name else (
+            evaluation.arm.name,)
+        pairs += [(name, ref) for ref in refs if ref in names]
+    return pairs
+
+
 def compare(arms: dict[str, dict], metric_names: list[str], n_boot: int, seed: int) -> list[dict]:
     """Paired bootstrap over common problems for each (arm, reference) pair and metric."""
     results = []
-    for arm, ref in COMPARISONS:
-        if arm not in arms or ref not in arms:
-            continue
+    for arm, ref in comparison_pairs(list(arms)):
         a, b = arms[arm], arms[ref]
         for raw in metric_names:
             metric = _resolve_metric(raw, a["ks"])
@@ -124,8 +159,8 @@ def comparison_sentence(c: dict) -> str:
             f"paired bootstrap over {c['problems']} problems): {verdict}.")
 
 
-def verdict(comparisons: list[dict], arm: str = "rft_bt", reference: str = "rft") -> str:
-    """One plain sentence: does the backtracking arm beat plain RFT, and on what."""
+def verdict(comparisons: list[dict], arm: str, reference: str) -> str:
+    """One plain sentence: does an arm beat its headline reference, and on what."""
     rows = [c for c in comparisons if c["arm"] == arm and c["reference"] == reference]
     if not rows:
         return f"**{arm} vs {reference}:** not both evaluated."
@@ -140,6 +175,14 @@ def verdict(comparisons: list[dict], arm: str = "rft_bt", reference: str = "rft"
         parts.append(f"no significant difference on {', '.join(c['metric'] for c in rows)}")
     beats = "beats" if better and not worse else "does not clearly beat"
     return f"**Does {arm} beat {reference}?** It {beats} it: {'; '.join(parts)}."
+
+
+def headline_verdicts(comparisons: list[dict]) -> list[str]:
+    """A verdict per evaluated arm against its first reference (its headline comparison)."""
+    firsts: dict[str, str] = {}
+    for c in comparisons:
+        firsts.setdefault(c["arm"], c["reference"])
+    return [verdict(comparisons, arm, ref) for arm, ref in firsts.items()]
 
 
 def _cell(m: dict | None, percent: bool) -> str:
@@ -157,13 +200,6 @@ def _table(arms: dict[str, dict], columns: list[tuple[str, str, bool]]) -> list[
         cells = [_cell(data["metrics"].get(key), pct) for key, _, pct in columns]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return lines
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def _data_lines(data: dict) -> list[str]:
@@ -203,10 +239,12 @@ def render_markdown(results: dict, plots: list[str]) -> str:
         "stated before the first backtrack, Δ(i→c)/Δ(c→i) are the shares of all answers that "
         "went from wrong to right / right to wrong (SCoRe).", "",
         *_table(arms, SELF_CORRECTION), "",
+        *_protocol_lines(arms),
+        *compute_matched.markdown(results.get("compute_matched")),
         "## Comparisons", "",
         "Paired bootstrap over problems on the per-problem difference of the metric "
         "(two-sided; significant when the 95 % CI of the mean difference excludes 0).", "",
-        verdict(results["comparisons"]), "",
+        *[line for v in headline_verdicts(results["comparisons"]) for line in (v, "")],
         *[comparison_sentence(c) for c in results["comparisons"]], "",
     ]
     if results.get("missing_arms"):
@@ -214,6 +252,27 @@ def render_markdown(results: dict, plots: list[str]) -> str:
     lines += _data_lines(results.get("data") or {})
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines)
+
+
+PROTOCOL_TABLES = {
+    "two_attempt": ("Two attempts (SCoRe)", "Attempt 2 follows attempt 1 (after the phrase or "
+                    "the instruction); Δ(t1,t2) = Acc@t2 - Acc@t1; Δ(i→c)/Δ(c→i) are the "
+                    "shares of samples that went from wrong to right / right to wrong.",
+                    TWO_ATTEMPT),
+    "self_verify": ("Self-verification (S²R)", "Verdicts parsed from each trace, each judged "
+                    "against the checker on the attempt before it; Δ between the first and "
+                    "the last attempt of a trace.", SELF_VERIFY),
+}
+
+
+def _protocol_lines(arms: dict[str, dict]) -> list[str]:
+    """A table per protocol with figures of its own, for the evaluations run under it."""
+    lines = []
+    for protocol, (title, text, columns) in PROTOCOL_TABLES.items():
+        rows = {name: data for name, data in arms.items() if data.get("protocol") == protocol}
+        if rows:
+            lines += [f"## {title}", "", text, "", *_table(rows, columns), ""]
+    return lines
 
 
 def _plot_curves(ax, arms: dict[str, dict], prefix: str) -> None:
@@ -248,7 +307,8 @@ def _plot_histogram(ax, arms: dict[str, dict]) -> None:
     ax.legend()
 
 
-def write_plots(folder: Path, arms: dict[str, dict], losses: dict) -> list[str]:
+def write_plots(folder: Path, arms: dict[str, dict], losses: dict,
+                matched: dict | None = None) -> list[str]:
     """PNG plots into `folder`; returns their file names."""
     import matplotlib
 
@@ -256,9 +316,13 @@ def write_plots(folder: Path, arms: dict[str, dict], losses: dict) -> list[str]:
     import matplotlib.pyplot as plt
 
     names = []
-    for name, draw in [("pass_at_k.png", lambda ax: _plot_curves(ax, arms, "pass")),
-                       ("maj_at_k.png", lambda ax: _plot_curves(ax, arms, "maj")),
-                       ("backtracks_hist.png", lambda ax: _plot_histogram(ax, arms))]:
+    drawings = [("pass_at_k.png", lambda ax: _plot_curves(ax, arms, "pass")),
+                ("maj_at_k.png", lambda ax: _plot_curves(ax, arms, "maj")),
+                ("backtracks_hist.png", lambda ax: _plot_histogram(ax, arms))]
+    drawings += [(f"{prefix}_vs_tokens.png",
+                  lambda ax, p=prefix: compute_matched.plot_vs_tokens(ax, matched, p))
+                 for prefix in ("pass", "maj") if matched]
+    for name, draw in drawings:
         fig, ax = plt.subplots(figsize=(6, 4))
         draw(ax)
         fig.tight_layout()
@@ -291,24 +355,15 @@ def _no_nan(value):
     return value
 
 
-def _atomic_replace_dir(tmp: Path, target: Path) -> None:
-    old = target.with_name(target.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def main(config: ReportConfig) -> Path:
     from backtrack.runinfo import write_run_info
 
-    output_dir = Path(config.output_dir)
+    layout = RunLayout.of(config)
+    output_dir = layout.output_dir
     arms = _load_arms(output_dir, list(config.arms))
-    losses = {arm: load_loss(output_dir / "models" / arm / "loss.json") for arm in config.arms}
+    losses = {arm: load_loss(layout.model(arm) / "loss.json") for arm in config.arms}
     losses = {arm: curve for arm, curve in losses.items() if curve}
-    data = {name: _read_json(output_dir / path) for name, path in DATA_FILES.items()}
+    data = {name: read_json(output_dir / path) for name, path in DATA_FILES.items()}
     results = {
         "task": config.task, "model": config.model, "output_dir": str(output_dir),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -316,18 +371,23 @@ def main(config: ReportConfig) -> Path:
                  for arm, d in arms.items()},
         "missing_arms": [a for a in config.arms if a not in arms],
         "comparisons": compare(arms, list(config.compare_metrics), config.n_boot, config.seed),
+        "compute_matched": compute_matched.figures(arms),
         "training_loss": {arm: {"steps": s, "loss": v} for arm, (s, v) in losses.items()},
         "data": {name: d for name, d in data.items() if d is not None},
     }
-    target = output_dir / "report"
+    target = layout.report
     tmp = output_dir / f".report.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    plots = write_plots(tmp, results["arms"], losses)
+    plots = write_plots(tmp, results["arms"], losses, results["compute_matched"])
+    from backtrack.rl import curves
+
+    rl_plot = curves.plot(tmp, curves.load_logs(layout, list(config.arms)))
+    plots += [rl_plot] if rl_plot else []
     (tmp / "results.json").write_text(json.dumps(_no_nan(results), indent=2, default=str) + "\n")
     (tmp / "report.md").write_text(render_markdown(results, plots))
     write_run_info(tmp, config, "report",
-                   inputs=[output_dir / "eval" / arm / "metrics.json" for arm in arms])
-    _atomic_replace_dir(tmp, target)
+                   inputs=[layout.evaluation(arm) / "metrics.json" for arm in arms])
+    replace_dir(tmp, target)
     print(f"report: {target / 'report.md'}")
     return target / "report.md"

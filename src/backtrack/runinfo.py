@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.metadata
-import json
 import os
 import platform
 import subprocess
@@ -119,8 +118,6 @@ def write_run_info(
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **(extra or {}),
     }
-    target = out_dir / "run.json"
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")
-    os.replace(tmp, target)
-    return target
+    from backtrack.fileio import write_json
+
+    return write_json(out_dir / "run.json", info)

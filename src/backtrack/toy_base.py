@@ -11,7 +11,6 @@ both are rebuilt from the seed and checked against the ones the checkpoints were
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -22,14 +21,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from backtrack.config import CommonConfig, option
+from backtrack.config import CommonConfig, hashed_values, option
 from backtrack.errors import UserError
+from backtrack.fileio import cache_root, read_json
+from backtrack.layout import RunLayout
 from backtrack.toy_corpus import RETRY_PHRASES, TranscriptDataset, build_corpus, loss_kinds
 
 log = logging.getLogger(__name__)
 
-# Fields that do not change the trained model (so not part of the cache key).
-NOT_HASHED = ("output_dir", "model", "max_minutes", "eval_problems", "threads", "save_minutes")
 # Fields added after models were cached: part of the key only when not at their default, so
 # the caches of configs that leave them alone stay valid.
 HASHED_IF_SET = ("pack_length", "torch_compile")
@@ -37,7 +36,11 @@ HASHED_IF_SET = ("pack_length", "torch_compile")
 
 @dataclass
 class ToyBaseConfig(CommonConfig):
-    """Train the toy tokenizer and a tiny Llama from scratch on rendered transcripts."""
+    """Train the toy tokenizer and a tiny Llama from scratch on rendered transcripts.
+
+    The model is cached by a hash of the fields declared `hashed` (see `config.option`)."""
+
+    model: str = option("toy", "Not read by toy-base (it makes the `toy` model).", hashed=False)
 
     layers: int = option(4, "Transformer layers.")
     hidden: int = option(160, "Hidden size.")
@@ -46,7 +49,8 @@ class ToyBaseConfig(CommonConfig):
     vocab_size: int = option(512, "Tokenizer vocabulary size (digits are single tokens).")
     steps: int = option(750, "Optimizer steps (the training length; ~8 min on 2 idle cores).")
     max_minutes: float = option(0.0, "Optional cap on training minutes (0 = none); a capped "
-                                     "model is weaker than its config says (run.json tells).")
+                                     "model is weaker than its config says (run.json tells).",
+                                hashed=False)
     batch_size: int = option(64, "Transcripts per optimizer step.")
     lr: float = option(3e-3, "Peak learning rate (AdamW, warmup then cosine decay).")
     warmup_steps: int = option(100, "Linear warmup steps.")
@@ -64,15 +68,17 @@ class ToyBaseConfig(CommonConfig):
     loss_on_errors: bool = option(False, "Also train on wrong steps (teaches making slips).")
     loss_on_phrases: bool = option(False, "Also train on retry phrases (the base model then "
                                           "says them unprompted, often at the wrong place).")
-    threads: int = option(0, "CPU threads for torch; 0 = all cores.")
+    threads: int = option(0, "CPU threads for torch; 0 = all cores.", hashed=False)
     pack_length: int = option(0, "Pack each batch's transcripts into rows of this many tokens "
                                  "(no padding; attention stays within a transcript); 0 = pad "
                                  "each batch to its longest transcript.")
     torch_compile: bool = option(False, "Compile the model with torch.compile (inductor; the first "
                                         "steps wait for the compiler).")
     save_minutes: float = option(2.0, "Write a resumable checkpoint every N minutes of training "
-                                      "(0 = never); a re-run after a kill resumes from it.")
-    eval_problems: int = option(64, "Test problems for the greedy accuracy logged at the end.")
+                                      "(0 = never); a re-run after a kill resumes from it.",
+                                 hashed=False)
+    eval_problems: int = option(64, "Test problems for the greedy accuracy logged at the end.",
+                                hashed=False)
 
     def validate(self) -> None:
         for name in ("correction_rate", "late_share"):
@@ -95,15 +101,20 @@ CORPUS_VERSION = 3
 
 def config_hash(config: ToyBaseConfig) -> str:
     defaults = ToyBaseConfig()
-    values = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_HASHED
-              and not (k in HASHED_IF_SET and v == getattr(defaults, k))}
+    values = {k: v for k, v in hashed_values(config).items()
+              if not (k in HASHED_IF_SET and v == getattr(defaults, k))}
     values["corpus_version"] = CORPUS_VERSION
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("BACKTRACK_CACHE", Path.home() / ".cache" / "backtrack"))
+def outputs(config: ToyBaseConfig) -> list[Path]:
+    return [RunLayout.of(config).toy_base]
 
+
+def done(config: ToyBaseConfig) -> bool:
+    """Done while the cached model that toy_base/run.json names is still there."""
+    info = read_json(RunLayout.of(config).toy_base / "run.json") or {}
+    return (Path(info.get("model_dir", "/nonexistent")) / "config.json").is_file()
 
 
 
@@ -349,7 +360,7 @@ def main(config: ToyBaseConfig) -> Path:
             shutil.rmtree(model_dir.with_name(model_dir.name + ".work"), ignore_errors=True)
         else:
             extra.update(train_and_save(task, config, model_dir))
-    out = Path(config.output_dir) / "toy_base"
+    out = RunLayout.of(config).toy_base
     write_run_info(out, config, "toy-base", extra=extra)
     print(f"toy-base: model in {model_dir}")
     return model_dir

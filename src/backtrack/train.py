@@ -16,10 +16,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from backtrack.build import (ARMS, META_FILE, load_base_tokenizer, replace_dir,
-                             resolve_base_model, tokenizer_identity)
+from backtrack.build import META_FILE, load_base_tokenizer, tokenizer_identity
 from backtrack.config import CommonConfig, option
 from backtrack.errors import UserError
+from backtrack.fileio import replace_dir
+from backtrack.layout import RunLayout
+from backtrack.trackers import TRACKERS
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr",
               "inverse_sqrt", "polynomial")
@@ -29,8 +31,8 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_wi
 class TrainConfig(CommonConfig):
     """Fine-tune the base model on one arm; writes <output_dir>/models/<arm>/."""
 
-    arm: str = option("rft_bt", "SFT arm to train on (a dataset under <output_dir>/sft/).",
-                      choices=ARMS)
+    arm: str = option("rft_bt", "Arm to train (an SFT arm of `backtrack arms`; its dataset is "
+                      "<output_dir>/sft/<arm>/, its starting model its parent arm's).")
     use_lora: bool = option(False, "Train LoRA adapters (merged into the model at the end).")
     lora_r: int = option(16, "LoRA rank.")
     lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r).")
@@ -52,15 +54,36 @@ class TrainConfig(CommonConfig):
     save_total_limit: int = option(2, "Checkpoints kept on disk (oldest deleted).")
     logging_steps: int = option(10, "Log loss and learning rate every N steps.")
     resume: bool = option(False, "Continue from the last checkpoint of this arm; without it a "
-                          "run starts at step 0 and removes the arm's old checkpoints.")
+                          "run starts at step 0 and removes the arm's old checkpoints.",
+                          hashed=False)
+    report_to: str = option("none", "Stream the loss to a tracker (transformers' integration; "
+                            "tensorboard logs go to <output_dir>/logs/train_<arm>/).",
+                            choices=TRACKERS, hashed=False)
 
     def validate(self) -> None:
+        from backtrack.arms import get_arm
+
+        if get_arm(self.arm).training != "sft":
+            from backtrack.arms import ARMS
+
+            raise UserError(f"option 'arm': '{self.arm}' is not trained with SFT (SFT arms: "
+                            f"{[n for n, a in ARMS.items() if a.training == 'sft']})")
         for name in ("per_device_batch_size", "gradient_accumulation_steps", "max_length",
                      "save_steps", "logging_steps", "lora_r"):
             if getattr(self, name) < 1:
                 raise UserError(f"option '{name}': must be at least 1")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise UserError("option 'epochs': must be positive when max_steps is not set")
+
+
+def outputs(config: TrainConfig) -> list[Path]:
+    """The model folder (the step's result) first, then its checkpoints (optional)."""
+    layout = RunLayout.of(config)
+    return [layout.model(config.arm), layout.checkpoints(config.arm)]
+
+
+def done(config: TrainConfig) -> bool:
+    return (RunLayout.of(config).model(config.arm) / "config.json").is_file()
 
 
 def load_arm_dataset(sft_dir: Path, arm: str, tokenizer):
@@ -118,7 +141,7 @@ def sft_args(config: TrainConfig, checkpoint_dir: Path):
         logging_steps=config.logging_steps,
         completion_only_loss=True,  # labels from our `completion_mask` (see build.py)
         include_num_input_tokens_seen="non_padding",
-        report_to="none",
+        report_to=config.report_to,
         use_cpu=not cuda,
         bf16=cuda and torch.cuda.is_bf16_supported(),
         seed=config.seed,
@@ -139,7 +162,7 @@ def make_trainer(config: TrainConfig, model_path: str, tokenizer, dataset):
             r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
             target_modules=targets[0] if targets == ["all-linear"] else targets,
             task_type="CAUSAL_LM")
-    checkpoint_dir = Path(config.output_dir) / "checkpoints" / config.arm
+    checkpoint_dir = RunLayout.of(config).checkpoints(config.arm)
     return SFTTrainer(model=model_path, args=sft_args(config, checkpoint_dir),
                       train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
 
@@ -209,13 +232,13 @@ def save_final(trainer, config: TrainConfig, model_path: str, tokenizer, extra: 
 
     accelerator, main = trainer.accelerator, trainer.accelerator.is_main_process
     out = Path(config.output_dir)
-    final = out / "models" / config.arm
+    final = RunLayout.of(config).model(config.arm)
     tmp = final.with_name(f".{config.arm}.tmp")
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     if config.use_lora:
-        adapter_dir = out / "checkpoints" / config.arm / "final-adapter"
+        adapter_dir = RunLayout.of(config).checkpoints(config.arm) / "final-adapter"
         trainer.save_model(str(adapter_dir))
         accelerator.wait_for_everyone()
         if main:
@@ -250,16 +273,31 @@ def _warn_long_examples(dataset, max_length: int) -> None:
               "tokens and are cut (they lose their end-of-turn token)")
 
 
+def _place_tensorboard_logs(trainer, folder: Path) -> None:
+    """Tensorboard events in <output_dir>/logs/ (beside RL's), not inside the checkpoints
+    that a fresh run deletes; the callback creates its writer at train start."""
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback):
+            callback.logging_dir = str(folder)
+
+
 def main(config: TrainConfig) -> None:
     """Train one arm; resumes from its last checkpoint when `resume` is set."""
+    from backtrack.arms import parent_model_path
+    from backtrack.trackers import require_tracker
+
+    require_tracker(config.report_to)
     out = Path(config.output_dir)
-    model_path = resolve_base_model(config.model, config.output_dir)
+    model_path = parent_model_path(config.arm, config.model, config.output_dir)
     tokenizer = load_base_tokenizer(model_path)
     dataset = load_arm_dataset(out / "sft", config.arm, tokenizer)
-    checkpoint_dir = out / "checkpoints" / config.arm
+    checkpoint_dir = RunLayout.of(config).checkpoints(config.arm)
     complete, incomplete = complete_checkpoints(checkpoint_dir)
     resume_from = str(complete[-1]) if config.resume and complete else None
     trainer = make_trainer(config, model_path, tokenizer, dataset)
+    _place_tensorboard_logs(trainer, out / "logs" / f"train_{config.arm}")
     accelerator = trainer.accelerator
     if accelerator.is_main_process:
         _warn_long_examples(dataset, config.max_length)

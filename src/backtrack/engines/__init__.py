@@ -44,6 +44,7 @@ class Completion:
     new_tokens: int  # tokens generated, counting the token that ended the turn
     finish_reason: str  # "stop" (EOS, end of turn or stop string) | "length"
     token_ids: list[int] | None = None  # generated ids, when the engine knows them
+    extra: dict | None = None  # fields an evaluation protocol adds to the record (attempt 1)
 
 
 class Engine:

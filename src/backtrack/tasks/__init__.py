@@ -66,6 +66,14 @@ class Task:
     def reward(self, completion: str, gold: str) -> float:
         return 1.0 if self.check(completion, gold).correct else 0.0
 
+    def verification(self, problem: Problem, attempt_text: str, verdict_correct: str | None = None,
+                     verdict_wrong: str | None = None) -> str | None:
+        """A check of `attempt_text` that ends in a verdict phrase (S²R's self-verification
+        data), or None when this attempt cannot be checked. The verdict phrases default to
+        `formats.S2R_VERDICT_CORRECT` / `S2R_VERDICT_WRONG`. Tasks without a way to write one
+        (GSM8K: its verifications will come from the model) leave this to the base class."""
+        raise UserError(f"task '{self.name}' has no verification hook; the s2r arms need one")
+
 
 TASKS: dict[str, type[Task]] = {}
 

@@ -88,6 +88,51 @@ def parse_step(line: str) -> tuple[int, str, int, int] | None:
     return int(a), op, int(b), int(c)
 
 
+def step_runs(text: str) -> list[list[tuple[int, str, int, int]]]:
+    """The groups of consecutive step lines in `text` (think tags on a line are ignored)."""
+    runs: list[list[tuple[int, str, int, int]]] = []
+    in_run = False
+    for line in text.splitlines():
+        step = parse_step(line.replace("<think>", "").replace("</think>", ""))
+        if step is None:
+            in_run = False
+            continue
+        if not in_run:
+            runs.append([])
+        runs[-1].append(step)
+        in_run = True
+    return runs
+
+
+def _step_text(a: int, op: str, b: int, c: int) -> str:
+    return f"{a} {op} {b} = {c}"
+
+
+def compare_steps(reference: list[tuple], written: list[tuple],
+                  offset: int) -> list[tuple[str, bool]]:
+    """(line, matches) for each reference step set against the written step aligned with it
+    (reference index = written index + offset): `18 - 3 = 15, not 16` for a wrong result,
+    `..., not 17 - 3 = 14` for another operation, `..., missing` where nothing was written;
+    written steps beyond the reference come out as `..., not needed`."""
+    extra_before = [(_step_text(*step) + ", not needed", False)
+                    for step in written[:max(0, -offset)]]
+    lines = []
+    for i, (a, op, b, c) in enumerate(reference):
+        j, line, ok = i - offset, _step_text(a, op, b, c), True
+        if 0 <= j < len(written):
+            a2, op2, b2, c2 = written[j]
+            if (a2, op2, b2) != (a, op, b):
+                line, ok = line + ", not " + _step_text(a2, op2, b2, c2), False
+            elif c2 != c:
+                line, ok = line + f", not {c2}", False
+        elif j >= len(written):
+            line, ok = line + ", missing", False
+        lines.append((line, ok))
+    extra_after = [(_step_text(*step) + ", not needed", False)
+                   for step in written[len(reference) - offset:]]
+    return extra_before + lines + extra_after
+
+
 def _steps_range(value) -> tuple[int, int]:
     if isinstance(value, int) and not isinstance(value, bool):
         lo = hi = value
@@ -128,6 +173,39 @@ class ArithTask(Task):
         self.max_start, self.max_operand, self.max_factor = max_start, max_operand, max_factor
         self.max_value, self.ops = max(max_value, max_start), "".join(sorted(set(ops)))
         self.test_size, self.train_size, self.seed = test_size, train_size, seed
+
+    def verification(self, problem: Problem, attempt_text: str, verdict_correct: str | None = None,
+                     verdict_wrong: str | None = None) -> str | None:
+        """Re-solve the problem step by step and set the attempt's steps against it.
+
+        The toy world's stand-in for S²R's stronger verifier, in S²R's "problem-solving"
+        style (re-solve, then compare) rather than a bare confirmation. The attempt's final
+        solution is its last run of step lines; when an earlier run exists (an in-turn retry),
+        that run is a redo of the end of the solution and is aligned to the end. The verdict
+        is wrong if a step differs or the stated answer is not the result. None when the
+        attempt holds no step line to check.
+        """
+        from backtrack.formats import S2R_VERDICT_CORRECT, S2R_VERDICT_WRONG
+
+        reference = [parse_step(line) for line in (problem.solution or "").splitlines()]
+        if not reference or not all(reference):
+            raise ValueError(f"problem {problem.id}: no step-by-step reference solution")
+        runs = step_runs(attempt_text)
+        if not runs:
+            return None
+        written = runs[-1]
+        offset = len(reference) - len(written) if len(runs) > 1 else 0
+        compared = compare_steps(reference, written, offset)
+        lines = [line for line, _ in compared]
+        steps_ok = all(ok for _, ok in compared)
+        result = self.check(attempt_text, problem.answer)
+        if steps_ok and not result.correct:
+            stated = result.extracted if result.extracted is not None else "nothing"
+            lines.append(f"The steps give {problem.answer}, not {stated}.")
+        ok = steps_ok and result.correct
+        lines.append((verdict_correct or S2R_VERDICT_CORRECT) if ok
+                     else (verdict_wrong or S2R_VERDICT_WRONG))
+        return "\n".join(lines)
 
     # -- generation ------------------------------------------------------------------------
     def _random_chain(self, rng: random.Random) -> Chain:

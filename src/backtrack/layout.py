@@ -1,0 +1,72 @@
+"""Where each stage writes under `output_dir`: one object, so no stage spells a path twice.
+
+Stages hand off through these folders; the pipeline reads `outputs(config)` of each stage
+module (built from this layout) to know what a step wrote, what to set aside when its config
+changes, and whether it is still there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    output_dir: Path
+
+    @classmethod
+    def of(cls, config) -> RunLayout:
+        return cls(Path(config.output_dir))
+
+    @property
+    def toy_base(self) -> Path:
+        return self.output_dir / "toy_base"  # run.json naming the cached model folder
+
+    @property
+    def samples(self) -> Path:
+        return self.output_dir / "samples"
+
+    @property
+    def backtrack(self) -> Path:
+        return self.output_dir / "backtrack"
+
+    @property
+    def sft(self) -> Path:
+        return self.output_dir / "sft"
+
+    def sft_arm(self, arm: str) -> Path:
+        return self.sft / arm
+
+    def model(self, arm: str) -> Path:
+        return self.output_dir / "models" / arm
+
+    def checkpoints(self, arm: str) -> Path:
+        return self.output_dir / "checkpoints" / arm
+
+    def eval_root(self, split: str = "test") -> Path:
+        """`eval/` for the test split; a dev evaluation on train problems goes to `eval_dev/`,
+        so it never mixes with (or is read by the report as) the test results."""
+        return self.output_dir / ("eval" if split == "test" else "eval_dev")
+
+    def evaluation(self, name: str, split: str = "test") -> Path:
+        return self.eval_root(split) / name
+
+    def probe(self, arm: str) -> Path:
+        return self.output_dir / "probe" / arm
+
+    @property
+    def report(self) -> Path:
+        return self.output_dir / "report"
+
+    @property
+    def markers(self) -> Path:
+        return self.output_dir / "run" / "stages"
+
+    @property
+    def stale(self) -> Path:
+        return self.output_dir / "run" / "stale"
+
+    @property
+    def timings(self) -> Path:
+        return self.output_dir / "timings.json"

@@ -1,0 +1,6 @@
+"""Built-in methods: each module registers its arms (`backtrack.arms.register`).
+
+Adding a method = adding a module here and importing it below (see docs/DESIGN.md).
+"""
+
+from backtrack.methods import baseline, confirm, controls, rft, rl, s2r  # noqa: F401
