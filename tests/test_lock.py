@@ -52,6 +52,14 @@ def _requires(name: str, extras: tuple[str, ...]) -> list[Requirement]:
             or any(r.marker.evaluate({"extra": e}) for e in ("", *extras))]
 
 
+def _installed(name: str) -> bool:
+    try:
+        importlib.metadata.version(name)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
 def transitive(roots: list[Requirement], skip: set[str]) -> set[str]:
     """Canonical names of everything the installed `roots` require, recursively (roots not
     included unless required by another); `skip` names are not followed (installed --no-deps)."""
@@ -79,6 +87,10 @@ def disagreements(lock_text: str) -> list[str]:
         elif not req.specifier.contains(pins[key], prereleases=True):
             problems.append(f"{req.name}: locked {pins[key]} outside the declared {req.specifier}")
     no_deps = {canonicalize_name(n) for n in NO_DEPS.read_text().split()}
+    missing = [r.name for r in roots if not _installed(r.name) and canonicalize_name(r.name)
+               not in no_deps]
+    if missing:  # their dependencies cannot be read, so strays cannot be told apart
+        return problems + [f"{name}: not installed here; run `make install`" for name in missing]
     allowed = {canonicalize_name(r.name) for r in roots} | transitive(roots, no_deps)
     problems += [f"{name}: locked but neither declared nor required by a declared package"
                  for name in sorted(set(pins) - allowed)]
