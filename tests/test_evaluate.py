@@ -6,9 +6,7 @@ import json
 import pytest
 
 from backtrack import evaluate
-from backtrack.engines import Completion, GenerationParams
 from backtrack.errors import UserError
-from backtrack.protocols import BudgetForcingEngine
 
 
 def _config(tmp_path, model_dir, **kw):
@@ -52,44 +50,6 @@ def test_missing_trained_arm_is_a_user_error(tmp_path, tiny_model_dir):
         evaluate.main(_config(tmp_path, tiny_model_dir, arms=["rft"]))
     with pytest.raises(UserError, match="unknown arm"):
         evaluate.EvalConfig(arms=["nope"]).validate()
-
-
-class FakeEngine:
-    """First call: the given outputs; later calls continue every prompt with a fixed text."""
-
-    def __init__(self, first):
-        self.first, self.calls = first, []
-
-    def generate(self, prompts, params):
-        self.calls.append((list(prompts), params))
-        if len(self.calls) == 1:
-            return self.first
-        return [[Completion(" 2 + 2 = 4</think>\nThe answer is 4.", 9, "stop")] for _ in prompts]
-
-    def close(self):
-        self.closed = True
-
-
-def _tokenizer(text, add_special_tokens=False):
-    return {"input_ids": text.split()}
-
-
-def test_budget_forcing_replaces_first_think_close_and_continues_once():
-    first = [[Completion("<think>2 + 2 = 5</think>\nThe answer is 5.", 12, "stop"),
-              Completion("<think>2 + 2 = 5", 30, "length")]]
-    inner = FakeEngine(first)
-    engine = BudgetForcingEngine(inner, _tokenizer, "Wait")
-    (forced, untouched), = engine.generate(["PROMPT"], GenerationParams(n=2, seed=3))
-    assert len(inner.calls) == 2
-    prompts, params = inner.calls[1]
-    assert prompts == ["PROMPT<think>2 + 2 = 5Wait"] and params.n == 1
-    assert forced.text == "<think>2 + 2 = 5Wait 2 + 2 = 4</think>\nThe answer is 4."
-    assert forced.finish_reason == "stop"
-    assert forced.new_tokens == len("<think>2 + 2 = 5Wait".split()) + 9
-    assert (untouched.text, untouched.new_tokens, untouched.finish_reason) == \
-        ("<think>2 + 2 = 5", 30, "length")
-    engine.close()
-    assert inner.closed
 
 
 def test_self_correction_stats_use_the_task_checker():

@@ -13,7 +13,8 @@ import pytest
 from backtrack.engines import Completion, GenerationParams, derive_seed
 from backtrack.errors import UserError
 from backtrack.formats import phrase_retry_text, second_attempt_prompt
-from backtrack.protocols import TwoAttemptEngine, get_protocol, two_attempt_record
+from backtrack.protocols import (BudgetForcingEngine, TwoAttemptEngine, get_protocol,
+                                 two_attempt_record)
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -41,20 +42,42 @@ def test_second_attempt_prompts_match_golden_strings(tokenizer):
 
 
 class ScriptedEngine:
-    """Attempt 1 from a script; attempt 2 answers 7 in `tokens` tokens."""
+    """First call: the given outputs; later calls continue every prompt with `then`."""
 
-    def __init__(self, first):
-        self.first, self.calls = first, []
+    def __init__(self, first, then=Completion(" 3 + 4 = 7</think>\nThe answer is 7.", 11,
+                                              "stop")):
+        self.first, self.then, self.calls = first, then, []
 
     def generate(self, prompts, params):
         self.calls.append((list(prompts), params))
         if len(self.calls) == 1:
             return self.first
-        return [[Completion(" 3 + 4 = 7</think>\nThe answer is 7.", 11, "stop")]
-                for _ in prompts]
+        return [[self.then] for _ in prompts]
 
     def close(self):
-        pass
+        self.closed = True
+
+
+def _tokenizer(text, add_special_tokens=False):
+    return {"input_ids": text.split()}
+
+
+def test_budget_forcing_replaces_first_think_close_and_continues_once():
+    first = [[Completion("<think>2 + 2 = 5</think>\nThe answer is 5.", 12, "stop"),
+              Completion("<think>2 + 2 = 5", 30, "length")]]
+    inner = ScriptedEngine(first, Completion(" 2 + 2 = 4</think>\nThe answer is 4.", 9, "stop"))
+    engine = BudgetForcingEngine(inner, _tokenizer, "Wait")
+    (forced, untouched), = engine.generate(["PROMPT"], GenerationParams(n=2, seed=3))
+    assert len(inner.calls) == 2
+    prompts, params = inner.calls[1]
+    assert prompts == ["PROMPT<think>2 + 2 = 5Wait"] and params.n == 1
+    assert forced.text == "<think>2 + 2 = 5Wait 2 + 2 = 4</think>\nThe answer is 4."
+    assert forced.finish_reason == "stop"
+    assert forced.new_tokens == len("<think>2 + 2 = 5Wait".split()) + 9
+    assert (untouched.text, untouched.new_tokens, untouched.finish_reason) == \
+        ("<think>2 + 2 = 5", 30, "length")
+    engine.close()
+    assert inner.closed
 
 
 def test_two_attempt_engine_keeps_attempt_one_and_counts_both(tokenizer):
