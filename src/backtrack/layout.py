@@ -70,3 +70,15 @@ class RunLayout:
     @property
     def timings(self) -> Path:
         return self.output_dir / "timings.json"
+
+
+def trained_model_outputs(config) -> list[Path]:
+    """What a training step (`train`, `rl`) writes for `config.arm`: the model folder (its
+    result) first, then its checkpoints (optional)."""
+    layout = RunLayout.of(config)
+    return [layout.model(config.arm), layout.checkpoints(config.arm)]
+
+
+def trained_model_done(config) -> bool:
+    """A training step is done while its model folder is complete."""
+    return (RunLayout.of(config).model(config.arm) / "config.json").is_file()

@@ -20,7 +20,7 @@ from backtrack.build import META_FILE, load_base_tokenizer, tokenizer_identity
 from backtrack.config import CommonConfig, option
 from backtrack.errors import UserError
 from backtrack.fileio import replace_dir
-from backtrack.layout import RunLayout
+from backtrack.layout import RunLayout, trained_model_done, trained_model_outputs
 from backtrack.trackers import TRACKERS
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr",
@@ -76,14 +76,8 @@ class TrainConfig(CommonConfig):
             raise UserError("option 'epochs': must be positive when max_steps is not set")
 
 
-def outputs(config: TrainConfig) -> list[Path]:
-    """The model folder (the step's result) first, then its checkpoints (optional)."""
-    layout = RunLayout.of(config)
-    return [layout.model(config.arm), layout.checkpoints(config.arm)]
-
-
-def done(config: TrainConfig) -> bool:
-    return (RunLayout.of(config).model(config.arm) / "config.json").is_file()
+outputs = trained_model_outputs  # the pipeline reads a stage's outputs and done from here
+done = trained_model_done
 
 
 def load_arm_dataset(sft_dir: Path, arm: str, tokenizer):

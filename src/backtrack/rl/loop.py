@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backtrack.errors import UserError
+from backtrack.layout import RunLayout
 from backtrack.rl import checkpoints as ckpt
 from backtrack.rl.stage import (RLConfig, method_at, problems_at, second_attempt_text)
 
@@ -92,7 +93,7 @@ def setup(config: RLConfig, parent_path: str) -> Context:
     settings = RolloutSettings(config.group_size, config.temperature, config.top_p,
                                config.max_new_tokens, config.second_attempt,
                                second_attempt_text(config))
-    folder = Path(config.output_dir) / "checkpoints" / config.arm
+    folder = RunLayout.of(config).checkpoints(config.arm)
     return Context(config, parent_path, accelerator, policy, reference, optimizer, tokenizer,
                    engine, task, problems, methods, settings, end_id, folder)
 
@@ -200,7 +201,7 @@ def save_final(ctx: Context, log: list[dict], extra: dict) -> Path:
     from backtrack.runinfo import write_run_info
 
     c, acc = ctx.config, ctx.accelerator
-    final = Path(c.output_dir) / "models" / c.arm
+    final = RunLayout.of(c).model(c.arm)
     tmp = final.with_name(f".{c.arm}.tmp")
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)

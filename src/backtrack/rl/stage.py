@@ -20,6 +20,7 @@ from pathlib import Path
 
 from backtrack.config import CommonConfig, option
 from backtrack.errors import UserError
+from backtrack.layout import trained_model_done, trained_model_outputs
 from backtrack.rl.algorithm import BASELINES, LOSS_TYPES
 from backtrack.trackers import TRACKERS
 
@@ -115,16 +116,8 @@ def resolve_parent(config: RLConfig) -> str:
         raise UserError(f"option 'parent': {exc}") from exc
 
 
-def outputs(config: RLConfig) -> list[Path]:
-    """The model folder (the step's result) first, then its checkpoints (optional)."""
-    from backtrack.layout import RunLayout
-
-    layout = RunLayout.of(config)
-    return [layout.model(config.arm), layout.checkpoints(config.arm)]
-
-
-def done(config: RLConfig) -> bool:
-    return (outputs(config)[0] / "config.json").is_file()
+outputs = trained_model_outputs  # the pipeline reads a stage's outputs and done from here
+done = trained_model_done
 
 
 class FinalAttemptTask:
