@@ -104,45 +104,45 @@ def _chunks(count: int, size: int) -> list[range]:
 
 
 def update(ctx: Context, method, rollouts) -> dict:
-    """Advantages, one batched forward/backward over the step's rows, an optimizer step."""
+    """Advantages, one batched forward/backward over the step's rows (each group's prompt run
+    once, `rl.shared_forward`), an optimizer step."""
     import torch
 
     from backtrack.rl import algorithm as alg
-    from backtrack.rl.rollout import collate
+    from backtrack.rl.shared_forward import shared_batch, shared_logps, to_device
 
     c, acc = ctx.config, ctx.accelerator
-    ids, mask, segments, row_rollout = (t.to(acc.device) for t in collate(
-        rollouts.rows, ctx.engine.pad_id))
-    seg_adv = {k: v.to(acc.device) for k, v in alg.segment_advantages(
-        method, rollouts.rewards, c.group_size, c.baseline, c.scale_std).items()}
-    targets = segments[:, 1:]
-    trained = sum(targets == alg.segment_id(s) for s in method.rules).bool()
-    first = int(trained.any(0).nonzero()[0])  # leading positions no row scores are skipped
-    adv, kl_w, loss_mask = (t.to(acc.device) for t in alg.token_weights(
-        method, targets[:, first:].cpu(), row_rollout.cpu(), {k: v.cpu() for k, v in
-                                                             seg_adv.items()}))
-    local_tokens = loss_mask.sum()
+    rows = rollouts.rows
+    seg_adv = alg.segment_advantages(method, rollouts.rewards, c.group_size, c.baseline,
+                                     c.scale_std)
+    trained = {alg.segment_id(s) for s in method.rules}
+    batches, weights = [], []
+    for chunk in _chunks(len(rows), c.micro_batch_rows):
+        part = [rows[i] for i in chunk]
+        batch = shared_batch(part, [r.rollout // c.group_size for r in part], trained,
+                             ctx.engine.pad_id, c.share_prompt_forward)
+        weights.append(tuple(t.to(acc.device) for t in alg.token_weights(
+            method, batch.targets, torch.tensor([r.rollout for r in part]), seg_adv)))
+        batches.append(to_device(batch, acc.device))
+    local_tokens = sum(mask.sum() for _, _, mask in weights)
     num_items = acc.reduce(local_tokens.clone(), "sum") / acc.num_processes
     start = time.perf_counter()
-    with torch.no_grad():
-        ref_logps = alg.token_logps(ctx.reference, ids, mask, c.temperature, first)
     ctx.policy.train()
-    chunks = _chunks(len(ids), c.micro_batch_rows)
     total_loss, kl_sum = 0.0, 0.0
-    for i, rows in enumerate(chunks):
-        rows = slice(rows.start, rows.stop)
-        sync = nullcontext() if i == len(chunks) - 1 else acc.no_sync(ctx.policy)
+    for i, (batch, (adv, kl_w, loss_mask)) in enumerate(zip(batches, weights)):
+        with torch.no_grad():
+            ref_logps = shared_logps(ctx.reference, batch, c.temperature)
+        sync = nullcontext() if i == len(batches) - 1 else acc.no_sync(ctx.policy)
         with sync:
-            logps = alg.token_logps(ctx.policy, ids[rows], mask[rows], c.temperature, first)
+            logps = shared_logps(ctx.policy, batch, c.temperature)
             loss, stats = alg.policy_loss(
-                logps, adv[rows], loss_mask[rows], kl_weights=kl_w[rows],
-                ref_logps=ref_logps[rows], loss_type=c.loss_type, epsilon_low=c.epsilon,
-                epsilon_high=c.epsilon_high, num_items=num_items,
-                max_completion_length=c.max_new_tokens)
+                logps, adv, loss_mask, kl_weights=kl_w, ref_logps=ref_logps,
+                loss_type=c.loss_type, epsilon_low=c.epsilon, epsilon_high=c.epsilon_high,
+                num_items=num_items, max_completion_length=c.max_new_tokens)
             if c.loss_type in ("grpo", "dr_grpo"):
-                loss = loss * (rows.stop - rows.start) / len(ids)
+                loss = loss * len(adv) / len(rows)
             elif c.loss_type == "bnpo":
-                loss = loss * loss_mask[rows].sum() / local_tokens.clamp(min=1)
+                loss = loss * loss_mask.sum() / local_tokens.clamp(min=1)
             acc.backward(loss)
         total_loss += float(loss.detach())
         kl_sum += stats["kl"] * stats["tokens"]
@@ -256,7 +256,9 @@ def run(config: RLConfig, parent_path: str) -> Path:
                  if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=entry["step"])
         if entry["step"] % config.save_steps == 0 and entry["step"] < config.steps:
             ckpt.save(acc, ctx.folder, entry["step"], log, config.save_total_limit)
-        started = time.perf_counter()
+        # the next step starts where this one's clock stopped, so writing the log and the
+        # checkpoint count in the next step's seconds_other
+        started += entry["seconds_total"]
     final = save_final(ctx, log, {"resumed_from": str(resume_from) if resume_from else None,
                                   "steps_this_run": config.steps - start,
                                   "cpu_seconds": time.process_time() - cpu_start})

@@ -15,7 +15,7 @@ import time
 from bisect import bisect_right
 from dataclasses import dataclass, field
 
-from backtrack.rl.algorithm import PAD_SEGMENT, segment_id
+from backtrack.rl.algorithm import segment_id
 
 
 @dataclass
@@ -132,18 +132,3 @@ def _second_attempts(engine, task, tokenizer, flat, settings, params, end_id, ou
         out.rows.append(Row(ids + new, segs + [a2] * len(new), k))
         # in the phrase form the answer is the whole turn: cut attempt 1 + phrase + attempt 2
         out.rewards["r2"].append(task.reward(carried + c2.text, p.answer))
-
-
-def collate(rows: list[Row], pad_id: int):
-    """Right-padded (input_ids, attention_mask, segments, row_rollout) tensors."""
-    import torch
-
-    width = max(len(r.ids) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    segments = torch.full((len(rows), width), PAD_SEGMENT, dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, :len(row.ids)] = torch.tensor(row.ids)
-        mask[i, :len(row.ids)] = 1
-        segments[i, :len(row.ids)] = torch.tensor(row.segments)
-    return input_ids, mask, segments, torch.tensor([r.rollout for r in rows])

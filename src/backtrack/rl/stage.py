@@ -5,7 +5,7 @@ with the `hf` engine on the live policy (no weight sync), adds a second attempt 
 rewards attempts with the task's checker, and takes one AdamW step on the clipped policy
 gradient + per-segment KL to the frozen parent (`backtrack.rl.algorithm`; why it is
 hand-written is said there). The policy forward/backward runs over all rows of the step at
-once (or `micro_batch_rows` at a time). Runs the same under `accelerate launch` (each process
+once (or `micro_batch_rows` at a time), each problem's prompt once (`rl.shared_forward`). Runs the same under `accelerate launch` (each process
 takes its share of the step's problems; DDP averages gradients). Checkpoints go to
 `<output_dir>/checkpoints/<arm>/`; the final model is assembled in a temp folder and renamed
 to `<output_dir>/models/<arm>/` (with `rl_log.json`, `rl_log.png`, `run.json`).
@@ -72,6 +72,10 @@ class RLConfig(CommonConfig):
                                       "empty = mild phrase / SCoRe's instruction.")
     micro_batch_rows: int = option(0, "Rows per forward/backward (0 = the whole step at once).",
                                    hashed=False)
+    share_prompt_forward: bool = option(True, "Run each group's shared prompt through the "
+                                        "policy and reference once per step, not once per "
+                                        "rollout (same loss to float rounding; off = the plain "
+                                        "per-row forward).", hashed=False)
     engine_args: dict = option({}, "Options of the hf engine (batch_size, cache, num_threads).")
     save_steps: int = option(20, "Write a checkpoint every N optimizer steps.", hashed=False)
     save_total_limit: int = option(2, "Checkpoints kept on disk (oldest deleted).", hashed=False)
