@@ -15,8 +15,9 @@ P, A1, CARRIED, BRIDGE, A2 = (alg.segment_id(s) for s in alg.SEGMENTS)
 
 def _rows() -> tuple[list[Row], list[int]]:
     """Three groups: 3 single-attempt rows whose completions share their first two tokens
-    (trained tokens: the shared prefix stops a token before them), 2 rows of another prompt length, and one two-attempt
-    rollout whose attempt-2 row shares only the prompt with its attempt-1 row."""
+    (trained tokens: the shared prefix stops a token before them), 2 rows of another prompt
+    length, and one two-attempt rollout whose attempt-2 row shares only the prompt with its
+    attempt-1 row."""
     gen = torch.Generator().manual_seed(0)
 
     def ids(n):

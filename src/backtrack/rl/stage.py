@@ -5,8 +5,9 @@ with the `hf` engine on the live policy (no weight sync), adds a second attempt 
 rewards attempts with the task's checker, and takes one AdamW step on the clipped policy
 gradient + per-segment KL to the frozen parent (`backtrack.rl.algorithm`; why it is
 hand-written is said there). The policy forward/backward runs over all rows of the step at
-once (or `micro_batch_rows` at a time), each problem's prompt once (`rl.shared_forward`). Runs the same under `accelerate launch` (each process
-takes its share of the step's problems; DDP averages gradients). Checkpoints go to
+once (or `micro_batch_rows` at a time), each problem's prompt once (`rl.shared_forward`).
+Runs the same under `accelerate launch` (each process takes its share of the step's problems;
+DDP averages gradients). Checkpoints go to
 `<output_dir>/checkpoints/<arm>/`; the final model is assembled in a temp folder and renamed
 to `<output_dir>/models/<arm>/` (with `rl_log.json`, `rl_log.png`, `run.json`).
 """
