@@ -61,7 +61,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
-def _vote_ids(answers: Sequence[str | None], correct: Sequence[bool]):
+def vote_ids(answers: Sequence[str | None], correct: Sequence[bool]):
     """Map answers to ids ordered by tie-break priority; return ids and per-id correctness."""
     keys = sorted({a for a in answers if a is not None})
     has_none = any(a is None for a in answers)
@@ -77,12 +77,12 @@ def _vote_ids(answers: Sequence[str | None], correct: Sequence[bool]):
 
 def majority_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> bool:
     """Whether the majority vote over these samples is right (conventions in the module doc)."""
-    ids, id_correct = _vote_ids(answers, correct)
+    ids, id_correct = vote_ids(answers, correct)
     counts = np.bincount(ids, minlength=len(id_correct))
     return bool(id_correct[int(np.argmax(counts))])  # argmax: first (smallest id) of ties
 
 
-def _subsets(n: int, k: int, max_subsets: int, rng: np.random.Generator) -> np.ndarray:
+def k_subsets(n: int, k: int, max_subsets: int, rng: np.random.Generator) -> np.ndarray:
     """All k-subsets of range(n) when there are at most `max_subsets`, else a random sample."""
     if math.comb(n, k) <= max_subsets:
         return np.array(list(combinations(range(n), k)), dtype=np.int64).reshape(-1, k)
@@ -99,8 +99,8 @@ def maj_at_k(answers: Sequence[str | None], correct: Sequence[bool], k: int,
     n = len(answers)
     if not 1 <= k <= n:
         raise ValueError(f"maj_at_k needs 1 <= k <= n, got n={n} k={k}")
-    ids, id_correct = _vote_ids(answers, correct)
-    chosen = ids[_subsets(n, k, max_subsets, np.random.default_rng(seed))]  # (S, k)
+    ids, id_correct = vote_ids(answers, correct)
+    chosen = ids[k_subsets(n, k, max_subsets, np.random.default_rng(seed))]  # (S, k)
     counts = np.zeros((chosen.shape[0], len(id_correct)), dtype=np.int64)
     np.add.at(counts, (np.arange(chosen.shape[0])[:, None], chosen), 1)
     return float(id_correct[np.argmax(counts, axis=1)].mean())

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backtrack import compute_matched
+from backtrack import compute_matched, score_compute
 from backtrack.config import CommonConfig, option
 from backtrack.errors import UserError
 from backtrack.evaluate import DEFAULT_ARMS
@@ -241,6 +241,7 @@ def render_markdown(results: dict, plots: list[str]) -> str:
         *_table(arms, SELF_CORRECTION), "",
         *_protocol_lines(arms),
         *compute_matched.markdown(results.get("compute_matched")),
+        *score_compute.markdown(results.get("score_compute")),
         "## Comparisons", "",
         "Paired bootstrap over problems on the per-problem difference of the metric "
         "(two-sided; significant when the 95 % CI of the mean difference excludes 0).", "",
@@ -372,6 +373,8 @@ def main(config: ReportConfig) -> Path:
         "missing_arms": [a for a in config.arms if a not in arms],
         "comparisons": compare(arms, list(config.compare_metrics), config.n_boot, config.seed),
         "compute_matched": compute_matched.figures(arms),
+        "score_compute": score_compute.figures(layout.evaluation, list(arms), config.n_boot,
+                                               config.seed),
         "training_loss": {arm: {"steps": s, "loss": v} for arm, (s, v) in losses.items()},
         "data": {name: d for name, d in data.items() if d is not None},
     }
