@@ -133,3 +133,9 @@ def test_check_with_recipe_task_args(tmp_path, cli_env, gsm8k_dir):
     result = run(["check", "-c", str(recipe), "--file", str(good), "--out", str(out)], cli_env)
     assert result.returncode == 0, result.stderr
     assert json.loads(out.read_text())["correct"] is True
+
+
+def test_unknown_option_is_one_line_exit_2(tmp_path, cli_env):
+    result = run(["rl", "--output-dir", str(tmp_path / "run"), "--kl-coef", "0.1"], cli_env)
+    assert_user_error(result, "No such option: --kl-coef")
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()

@@ -114,6 +114,29 @@ def test_bad_input_is_one_line_exit_2(tiny_model_dir, tmp_path, cli_env, extra, 
     assert not (out / "models").exists() and not (out / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("arms,section,stages,message", [
+    ("[outcome_rl]", "{method: ppo}", "[rl]", "key 'rl.method': 'ppo' is not one of"),
+    ("[score]", "{kl_stage1_attempt1: -0.5}", "[rl]", "'kl_stage1_attempt1': must be >= 0"),
+    ("[outcome_rl]", "{baseline: loo, group_size: 1}", "[rl]", "leave-one-out baseline"),
+    ("[outcome_rl_from_rft_bt]", "{steps: 1}", "[rl, eval, report]",
+     "no trained model for arm 'rft_bt'"),
+])
+def test_run_refuses_bad_rl_recipes(tiny_model_dir, tmp_path, cli_env, arms, section, stages,
+                                    message):
+    """`backtrack run`: the recipe's rl section is checked even where an arm fixes a key
+    (the method), and a parent arm's missing model stops the run before it writes."""
+    out = tmp_path / "run"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"task: arith\ntask_args: {TASK_ARGS}\nmodel: {tiny_model_dir}\n"
+                      f"output_dir: {out}\narms: {arms}\nrl: {section}\n")
+    done = subprocess.run([*BACKTRACK_CMD, "run", "--config", str(recipe), "--stages", stages],
+                          env=cli_env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not out.exists()
+
+
 def test_two_cpu_processes_through_accelerate(tiny_model_dir, tmp_path, cli_env):
     out = tmp_path / "run"
     args = _cli(out, tiny_model_dir, "--steps", "3", "--method", "score", "--stage1-steps", "1")

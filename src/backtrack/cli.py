@@ -144,13 +144,25 @@ def main() -> None:
         sys.exit(EXIT_USER_ERROR)
     except typer.Abort:
         sys.exit(1)
-    except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
+    except Exception as exc:  # click usage errors (unknown option...) carry their exit code
+        if isinstance(exc, _click_errors()):
+            typer.echo(f"error: {exc.format_message()}", err=True)
             sys.exit(exc.exit_code)
         raise
+
+
+def _click_errors() -> tuple[type, ...]:
+    """Click's exception base classes: typer 0.29 (the locked version) raises those of its
+    own vendored click (`typer._click`), older typer those of the click package."""
+    import importlib
+
+    found = []
+    for module in ("typer._click.exceptions", "click"):
+        try:
+            found.append(importlib.import_module(module).ClickException)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
 
 
 if __name__ == "__main__":

@@ -158,6 +158,8 @@ def plan(config: RunConfig, recipe: dict, source: str, shared: dict) -> list[Ste
         upstream = [s for s in ("sample", "backtrack") if s in reads and s in
                     {x.name for x in steps}][-1:]
         steps.append(step("build", "build", upstream, arms=data_arms))
+    for stage in {TRAINING_STAGES[a.training] for a in arms if a.training}:
+        cfg(stage)  # the recipe's own section must be valid, even where an arm fixes a key
     for arm in (a for a in arms if a.training):
         deps = (["build"] if arm.build else []) + (model_step(arm.parent) if arm.parent else base)
         steps.append(_training_step(config, source, shared, step, arm, deps))

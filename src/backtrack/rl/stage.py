@@ -37,7 +37,8 @@ class RLConfig(CommonConfig):
                          "recipe's model) or an arm trained earlier (<output_dir>/models/<parent>/).")
     method: str = option("outcome", "outcome: one attempt, reward = correct answer (GRPO/RLOO). "
                          "score: SCoRe Stage I for `stage1_steps`, then Stage II. score_stage1: "
-                         "Stage I only (ablation).", choices=RL_METHODS)
+                         "Stage I only (ablation). In `backtrack run` each RL arm sets its own.",
+                         choices=RL_METHODS)
     stage1_steps: int = option(10, "Steps of SCoRe Stage I before Stage II (method score).")
     group_size: int = option(8, "Rollouts per problem (G); advantages compare within a group.")
     problems_per_step: int = option(16, "Train problems per optimizer step (all processes).")
