@@ -90,3 +90,13 @@ def test_no_sharing_is_the_plain_layout():
         assert batch.suffix_ids[i, size:].eq(0).all() and batch.suffix_mask[i].sum() == size
         assert batch.targets[i, :size - 1].tolist() == row.segments[1:]
         assert batch.positions[i].tolist() == list(range(batch.suffix_ids.size(1)))
+
+
+def test_length_buckets_group_rows_of_similar_length():
+    from backtrack.rl.shared_forward import length_buckets
+
+    lengths = [30, 90, 31, 88, 29, 95, 33, 91]
+    buckets = length_buckets(lengths, most=2)
+    assert [sorted(lengths[i] for i in b) for b in buckets] == [[29, 30, 31, 33], [88, 90, 91, 95]]
+    assert sorted(i for b in length_buckets(lengths) for i in b) == list(range(8))
+    assert length_buckets([5, 6], most=4) == [[0], [1]]

@@ -12,7 +12,9 @@ rows' own tokens against it. transformers shares prefills only for generation, u
 Layout: prefixes are right-padded (their padding follows every real token, so a causal
 forward needs no mask there); row suffixes are right-padded and carry explicit positions, and
 the suffix forward's mask hides the prefix padding. A scored target in suffix coordinates `j`
-is the row's token at `prefix_len + 1 + j`, so `targets` are segments realigned that way.
+is the row's token at `prefix_len + 1 + j`, so `targets` are segments realigned that way. The
+suffixes run in a few forwards of rows of similar length, which cuts padding (two-attempt
+steps mix short attempt-1 rows with long attempt-2 rows).
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from backtrack.rl.algorithm import PAD_SEGMENT
+
+# Suffix forwards per call: rows sorted by length and cut into this many runs, so short rows
+# (attempt 1) are not padded to the longest (attempt 2 after the carried attempt 1).
+MAX_BUCKETS = 4
 
 
 @dataclass
@@ -81,21 +87,54 @@ def shared_batch(rows, groups: list, trained: set[int], pad_id: int, share: bool
                        positions, targets[:, 1:])
 
 
-def shared_logps(model, batch: SharedBatch, temperature: float = 1.0):
-    """Log-probs [B, Ws - 1] of each row's next suffix token under logits / temperature."""
-    import torch
+def length_buckets(lengths: list[int], most: int = MAX_BUCKETS) -> list[list[int]]:
+    """Row indices sorted by length and cut into at most `most` runs of equal count."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    count = min(most, len(order))
+    return [order[len(order) * b // count:len(order) * (b + 1) // count] for b in range(count)]
 
-    device = batch.suffix_ids.device
-    mask, cache = batch.suffix_mask, None
+
+def shared_logps(model, batch: SharedBatch, temperature: float = 1.0):
+    """Log-probs [B, Ws - 1] of each row's next suffix token under logits / temperature
+    (0 past a row's end): the prefixes run once, the suffixes in `length_buckets`."""
+    import torch
+    import torch.nn.functional as F
+
+    lengths = batch.suffix_mask.sum(1).tolist()
+    prefix = None
     if batch.prefix_ids.size(1):
-        cache = model(input_ids=batch.prefix_ids, use_cache=True, logits_to_keep=1
-                      ).past_key_values
-        cache.batch_select_indices(batch.owner.to(device))
-        mask = torch.cat([batch.prefix_mask[batch.owner], batch.suffix_mask], dim=1)
-    logits = model(input_ids=batch.suffix_ids, attention_mask=mask, position_ids=batch.positions,
+        prefix = model(input_ids=batch.prefix_ids, use_cache=True, logits_to_keep=1
+                       ).past_key_values
+    parts, order = [], []
+    for rows in length_buckets(lengths):
+        index = torch.tensor(rows, device=batch.suffix_ids.device)
+        part = _suffix_logps(model, batch, index, max(lengths[i] for i in rows), prefix,
+                             temperature)
+        parts.append(F.pad(part, (0, batch.suffix_ids.size(1) - 1 - part.size(1))))
+        order += rows
+    inverse = torch.empty(len(order), dtype=torch.long, device=batch.suffix_ids.device)
+    inverse[torch.tensor(order, device=inverse.device)] = torch.arange(len(order),
+                                                                        device=inverse.device)
+    return torch.cat(parts)[inverse]
+
+
+def _suffix_logps(model, batch: SharedBatch, index, width: int, prefix, temperature: float):
+    """The rows `index` (suffixes cut to `width`) against their prefixes' cache."""
+    import torch
+    from transformers import DynamicCache
+
+    ids, mask = batch.suffix_ids[index, :width], batch.suffix_mask[index, :width]
+    cache = None
+    if prefix is not None:
+        owner = batch.owner[index]
+        config = getattr(model, "module", model).config  # DDP wraps the model
+        cache = DynamicCache([(layer.keys[owner], layer.values[owner]) for layer in prefix.layers],
+                             config=config)
+        mask = torch.cat([batch.prefix_mask[owner], mask], dim=1)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=batch.positions[index, :width],
                    past_key_values=cache, use_cache=cache is not None).logits
     logits = logits[:, :-1].float() / temperature
-    picked = torch.gather(logits, 2, batch.suffix_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    picked = torch.gather(logits, 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
 
 
