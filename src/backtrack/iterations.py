@@ -140,6 +140,8 @@ def summary(output_dir: Path, evaluations: list[str], iterations: int) -> dict:
     """{arm: one record per round} for the iterated arms among the evaluations' arms."""
     from backtrack.arms import parse_evaluation, required_arms
 
+    if iterations <= 1:
+        return {}
     arms = required_arms([parse_evaluation(e).arm.name for e in evaluations])
     layout = RunLayout(Path(output_dir))
     return {arm: [_round_record(layout, arm, r) for r in range(1, iterations + 1)]

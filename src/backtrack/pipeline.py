@@ -58,10 +58,10 @@ class RunConfig(CommonConfig):
 
     arms: list = option(["base", "rft", "rft_bt", "budget_forcing"], "Evaluations to run and "
                         "report: arm names (`backtrack arms`) or arm@protocol.")
-    iterations: int = option(1, "On-policy rounds (expert iteration): each SFT arm that trains "
-                             "on its own samples samples, backtracks, builds and trains again "
-                             "from its previous round's model, this many rounds in all; its "
-                             "evaluations use the last round's model (iterations.py).")
+    iterations: int = option(1, "On-policy rounds (expert iteration): an SFT arm that trains "
+                             "on its own samples is made this many times, each round sampling, "
+                             "backtracking, building and training from the previous round's "
+                             "model; its evaluations use the last round's (iterations.py).")
     stages: list = option(list(ALL_STAGES), "Stages to run, in pipeline order (others are "
                           "assumed done).", hashed=False)
     force: bool = option(False, "Re-run the selected stages even when their output exists.",
