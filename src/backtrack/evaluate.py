@@ -30,6 +30,10 @@ class EvalConfig(GenerationConfig):
     arms: list = option(list(DEFAULT_ARMS), "Evaluations: arm names (`backtrack arms`), or "
                         "arm@protocol for an arm under another protocol (e.g. base@two_attempt).",
                         in_store=False)
+    arm_models: dict = option({}, "Model folder of a trained arm, in place of "
+                              "<output_dir>/models/<arm>/: {rft_bt: path}; `backtrack run` "
+                              "sets it to an iterated arm's last round (iterations.py).",
+                              hashed=False, in_store=False)
     n: int = option(16, "Samples per test problem (pass@k and maj@k for k = 1, 2, 4, ..., n).",
                     in_store=False)
     split: str = option("test", "Split to evaluate on; `train` with `skip` past the problems "
@@ -159,7 +163,8 @@ def evaluate_arm(config: EvalConfig, entry: str) -> dict:
         raise UserError(f"task '{config.task}': no {config.split} problems after skipping "
                         f"{config.skip}")
     folder = RunLayout.of(config).evaluation(evaluation.name, config.split)
-    model_path = arm_model_path(evaluation.arm.name, config.model, config.output_dir)
+    model_path = arm_model_path(evaluation.arm.name, config.model, config.output_dir,
+                                config.arm_models)
     with RecordStore(folder, fingerprint(config, evaluation, model_path)) as store:
         sample_evaluation(config, evaluation, model_path, task, problems, store)
         wanted = {p.id for p in problems}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backtrack import compute_matched
+from backtrack import compute_matched, iterations
 from backtrack.config import CommonConfig, option
 from backtrack.errors import UserError
 from backtrack.evaluate import DEFAULT_ARMS
@@ -68,6 +68,8 @@ class ReportConfig(CommonConfig):
         ["pass@1", "pass@4", "pass@n", "maj@n"],
         "Metrics for the significance sentences; 'n' means the largest k evaluated.")
     n_boot: int = option(10000, "Bootstrap resamples for the paired comparisons.")
+    iterations: int = option(1, "On-policy rounds of the run (`backtrack run`'s); above 1 the "
+                             "report records each round's model and yield.")
 
 
 def outputs(config: ReportConfig) -> list[Path]:
@@ -250,6 +252,7 @@ def render_markdown(results: dict, plots: list[str]) -> str:
     if results.get("missing_arms"):
         lines += [f"Arms without evaluation output: {', '.join(results['missing_arms'])}.", ""]
     lines += _data_lines(results.get("data") or {})
+    lines += iterations.markdown(results.get("iterations"))
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines)
 
@@ -374,6 +377,7 @@ def main(config: ReportConfig) -> Path:
         "compute_matched": compute_matched.figures(arms),
         "training_loss": {arm: {"steps": s, "loss": v} for arm, (s, v) in losses.items()},
         "data": {name: d for name, d in data.items() if d is not None},
+        "iterations": iterations.summary(output_dir, list(config.arms), config.iterations),
     }
     target = layout.report
     tmp = output_dir / f".report.tmp-{os.getpid()}"
