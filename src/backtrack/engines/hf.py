@@ -41,9 +41,10 @@ class HFEngine(Engine):
     sets torch's CPU threads (1 is often fastest for small models on a busy machine).
     `attn_implementation` ("eager" | "sdpa"; None keeps the model's) applies during generation
     only, so a model shared with a trainer keeps its own. `attend_filled` (static cache only)
-    makes attention read the filled cache slots only: on CPU decoding is bound by reading the
-    cache. `compile` compiles the decode step with transformers' CompileConfig on any device
-    (it pays a compile per process and per new shape)."""
+    makes attention read the filled cache slots only: reading the whole static cache is the
+    largest cost of a small model's decode step on CPU. `compile` compiles the decode step with
+    transformers' CompileConfig off CUDA too (on CUDA transformers already compiles a static-
+    cache decode); it pays about a minute per process on the toy model."""
 
     def __init__(self, model_path: str, device: str | None = None, dtype: str | None = None,
                  batch_size: int = 64, share_prefill: bool = True, num_threads: int | None = None,
