@@ -36,6 +36,7 @@ from pathlib import Path
 # name: hf engine options (compile pays its compile in an untimed first call, reported apart)
 LEVERS = {
     "baseline": {},
+    "dynamic": {"cache": "dynamic"},
     "eager": {"attn_implementation": "eager"},
     "attend_filled": {"attend_filled": True},
     "eager+attend_filled": {"attn_implementation": "eager", "attend_filled": True},
