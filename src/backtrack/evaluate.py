@@ -9,6 +9,7 @@ continues where it stopped; `metrics.json` is recomputed from the records at the
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +110,14 @@ def fingerprint(config: EvalConfig, evaluation, model_path: str) -> dict:
             "model": model_identity(model_path)}
 
 
+def protocol_options(config: EvalConfig, evaluation) -> dict:
+    """Keyword options of the protocol's record maker and extra metrics for this evaluation."""
+    from backtrack.protocols import get_protocol
+
+    protocol = get_protocol(evaluation.protocol)
+    return protocol.options(config, evaluation) if protocol.options else {}
+
+
 def sample_evaluation(config: EvalConfig, evaluation, model_path: str, task, problems,
                       store) -> None:
     """Generate the missing samples of `problems` into `store` under the protocol."""
@@ -121,6 +130,7 @@ def sample_evaluation(config: EvalConfig, evaluation, model_path: str, task, pro
     if all((p.id, i, 0) in done for p in problems for i in range(config.n)):
         return
     protocol = get_protocol(evaluation.protocol)
+    options = protocol_options(config, evaluation)
     tokenizer = load_tokenizer(model_path)
     messages = {p.id: task.messages(p) for p in problems}
     prompts = {p.id: render_prompt(tokenizer, messages[p.id]) for p in problems}
@@ -132,7 +142,8 @@ def sample_evaluation(config: EvalConfig, evaluation, model_path: str, task, pro
         sample_problems(engine, task, problems, prompts, config.generation_params(config.n),
                         store, config.n, config.batch_size, desc=f"eval {evaluation.name}",
                         progress=config.progress, extra_fields={"arm": evaluation.name},
-                        make_record=protocol.make_record or sample_record)
+                        make_record=functools.partial(protocol.make_record, **options)
+                        if protocol.make_record else sample_record)
     finally:
         engine.close()
 
@@ -174,7 +185,7 @@ def evaluate_arm(config: EvalConfig, entry: str) -> dict:
                "model_path": model_path, **summarize_arm(config, task, records)}
     extra = get_protocol(evaluation.protocol).extra_metrics
     if extra is not None:  # a protocol's own figures (e.g. S²R's verdict accuracy)
-        more = extra(records, task, config)
+        more = extra(records, task, config, **protocol_options(config, evaluation))
         summary["metrics"].update(more["metrics"])
         summary["per_problem"].update(more["per_problem"])
     write_json(folder / "metrics.json", summary, indent=1)

@@ -25,6 +25,7 @@ from backtrack.evaluate import DEFAULT_ARMS
 from backtrack.fileio import read_json, replace_dir
 from backtrack.layout import RunLayout
 from backtrack.metrics import paired_bootstrap
+from backtrack.protocols import protocol_plots
 
 DATA_FILES = {"sample": "samples/summary.json", "backtrack": "backtrack/summary.json",
               "sft": "sft/stats.json"}
@@ -325,6 +326,7 @@ def write_plots(folder: Path, arms: dict[str, dict], losses: dict,
     drawings += [(f"{prefix}_vs_tokens.png",
                   lambda ax, p=prefix: compute_matched.plot_vs_tokens(ax, matched, p))
                  for prefix in ("pass", "maj") if matched]
+    drawings += protocol_plots(arms)  # e.g. S²R's verdict accuracy
     for name, draw in drawings:
         fig, ax = plt.subplots(figsize=(6, 4))
         draw(ax)

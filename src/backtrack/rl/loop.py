@@ -66,10 +66,13 @@ def setup(config: RLConfig, parent_path: str) -> Context:
     methods = make_methods(config.kl, config.kl_stage1_attempt1, config.kl_stage1_attempt2,
                            config.alpha)
     task = get_task(config.task, config.task_args)
-    if config.reward_on == "final_attempt":
-        from backtrack.rl.stage import FinalAttemptTask
+    reader = None
+    if config.reward_on == "final_attempt" or config.method == "process":
+        from backtrack.rl.stage import FinalAttemptTask, trace_reader
 
-        task = FinalAttemptTask(task)
+        reader = trace_reader(config, task)
+        if config.reward_on == "final_attempt":
+            task = FinalAttemptTask(task, reader.final_text)
     problems = task.problems("train")
     if not problems:
         raise UserError(f"task '{config.task}': the train split has no problems")
@@ -92,7 +95,8 @@ def setup(config: RLConfig, parent_path: str) -> Context:
     end_id = end_ids[-1] if end_ids and end_ids[-1] in engine.eos_ids else engine.eos_ids[0]
     settings = RolloutSettings(config.group_size, config.temperature, config.top_p,
                                config.max_new_tokens, config.second_attempt,
-                               second_attempt_text(config))
+                               second_attempt_text(config),
+                               reader.split_steps if config.method == "process" else None)
     folder = RunLayout.of(config).checkpoints(config.arm)
     return Context(config, parent_path, accelerator, policy, reference, optimizer, tokenizer,
                    engine, task, problems, methods, settings, end_id, folder)
@@ -103,6 +107,14 @@ def _chunks(count: int, size: int) -> list[range]:
     return [range(i, min(i + size, count)) for i in range(0, count, size)]
 
 
+def _step_table(advantages: list[list[float]]):
+    """Per-rollout step advantages as a [rollouts, steps] tensor padded with 0."""
+    import torch
+
+    width = max((len(row) for row in advantages), default=0) or 1
+    return torch.tensor([row + [0.0] * (width - len(row)) for row in advantages])
+
+
 def update(ctx: Context, method, rollouts) -> dict:
     """Advantages, one batched forward/backward over the step's rows, an optimizer step."""
     import torch
@@ -111,16 +123,18 @@ def update(ctx: Context, method, rollouts) -> dict:
     from backtrack.rl.rollout import collate
 
     c, acc = ctx.config, ctx.accelerator
-    ids, mask, segments, row_rollout = (t.to(acc.device) for t in collate(
+    ids, mask, segments, row_rollout, steps = (t.to(acc.device) for t in collate(
         rollouts.rows, ctx.engine.pad_id))
-    seg_adv = {k: v.to(acc.device) for k, v in alg.segment_advantages(
-        method, rollouts.rewards, c.group_size, c.baseline, c.scale_std).items()}
+    seg_adv = alg.segment_advantages(method, rollouts.rewards, c.group_size, c.baseline,
+                                     c.scale_std)
     targets = segments[:, 1:]
     trained = sum(targets == alg.segment_id(s) for s in method.rules).bool()
     first = int(trained.any(0).nonzero()[0])  # leading positions no row scores are skipped
+    step_adv = _step_table(alg.step_advantages(rollouts.steps, c.group_size, c.baseline)) \
+        if method.uses_steps else None
     adv, kl_w, loss_mask = (t.to(acc.device) for t in alg.token_weights(
-        method, targets[:, first:].cpu(), row_rollout.cpu(), {k: v.cpu() for k, v in
-                                                             seg_adv.items()}))
+        method, targets[:, first:].cpu(), row_rollout.cpu(), seg_adv,
+        steps[:, 1:][:, first:].cpu(), step_adv))
     local_tokens = loss_mask.sum()
     num_items = acc.reduce(local_tokens.clone(), "sum") / acc.num_processes
     start = time.perf_counter()
