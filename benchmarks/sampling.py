@@ -6,8 +6,19 @@ batches, one prefill shared by a prompt's k samples), new tokens/s of a naive lo
 time spent outside engine calls (checking, records, fsync; target <= 5 %), and the engine time
 with the prefill shared vs transformers' `num_return_sequences` (which prefills every copy).
 
+Then, for each `--lever-models` model at the toy recipe's decode shape (32 problems x k = 4 =
+batch 128, max_new_tokens 160), its compute bound and the share of it each engine option
+reaches, all in this one run: the bound is this machine's fp32 matmul FLOP/s on the model's
+own decode shapes ([batch x in] x [in x out] for every linear, lm_head included; best of
+repeated timings) divided by 2 x matmul parameters FLOPs per new token. Each lever's
+new tokens/s is the median of `--repeats` calls interleaved with the other levers', by wall
+time and by CPU time of this process (steadier when other jobs share the cores); `occupancy`
+is the share of decoded rows x steps that were new tokens (rows that finished early still
+step until their batch's longest row ends).
+
     python benchmarks/sampling.py                       # toy model and smollm2-135m
     python benchmarks/sampling.py --models /path/to/model --problems 32 --k 8
+    python benchmarks/sampling.py --models toy --lever-models /path/to/toy --levers all
 
 `toy` is the model recorded by `backtrack toy-base` in `--output-dir`; when there is none, a
 model of the toy architecture with random weights is built (throughput does not depend on the
@@ -21,6 +32,17 @@ import json
 import tempfile
 import time
 from pathlib import Path
+
+# name: hf engine options (compile pays its compile in an untimed first call, reported apart)
+LEVERS = {
+    "baseline": {},
+    "dynamic": {"cache": "dynamic"},
+    "eager": {"attn_implementation": "eager"},
+    "attend_filled": {"attend_filled": True},
+    "eager+attend_filled": {"attn_implementation": "eager", "attend_filled": True},
+    "attend_filled+compile": {"attend_filled": True, "compile": True},
+}
+DEFAULT_LEVERS = [name for name in LEVERS if "compile" not in name]
 
 
 def toy_model_path(output_dir: str) -> str:
@@ -103,9 +125,103 @@ def bench_model(name: str, args) -> dict:
             "engine_s_num_return_sequences": round(copied_seconds, 2)}
 
 
+def decode_matmul(model, rows: int, seconds: float = 0.3) -> dict:
+    """fp32 FLOP/s of the model's linears (lm_head included) at [rows x in] x [in x out]: the
+    sum of their FLOPs over the sum of each one's best time, and 2 x their parameters."""
+    import torch
+    import torch.nn.functional as F
+
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    flops = best_seconds = 0.0
+    with torch.inference_mode():
+        for layer in linears:
+            x = torch.randn(rows, layer.in_features, dtype=layer.weight.dtype)
+            F.linear(x, layer.weight, layer.bias)
+            best, deadline = float("inf"), time.perf_counter() + seconds
+            while time.perf_counter() < deadline:
+                start = time.perf_counter()
+                F.linear(x, layer.weight, layer.bias)
+                best = min(best, time.perf_counter() - start)
+            flops += 2 * rows * layer.in_features * layer.out_features
+            best_seconds += best
+    matmul_params = sum(m.in_features * m.out_features for m in linears)
+    return {"decode_matmul_flops_per_s": flops / best_seconds, "matmul_params": matmul_params,
+            "flops_per_new_token": 2 * matmul_params}
+
+
+def timed_generate(engine, prompts: list[str], params) -> dict:
+    start, cpu = time.perf_counter(), time.process_time()
+    rows = engine.generate(prompts, params)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    tokens = [c.new_tokens for row in rows for c in row]
+    return {"tokens": sum(tokens), "wall": wall, "cpu": cpu,
+            "occupancy": sum(tokens) / (len(tokens) * max(tokens))}
+
+
+def bench_levers(name: str, args) -> dict:
+    """Compute bound at the decode shape and each lever's share of it, levers interleaved."""
+    import statistics
+
+    import torch
+
+    from backtrack.chat import render_prompt
+    from backtrack.engines import GenerationParams, make_engine
+    from backtrack.models import resolve_model_path
+    from backtrack.tasks import get_task
+
+    path = toy_model_path(args.output_dir) if name == "toy" else resolve_model_path(name)
+    rows = args.lever_problems * args.k
+    base = make_engine("hf", path, batch_size=rows, num_threads=args.threads or None)
+    bound = decode_matmul(base.model, rows)
+    bound["bound_tokens_per_s"] = bound["decode_matmul_flops_per_s"] / bound["flops_per_new_token"]
+    task = get_task(args.task, {})
+    prompts = [render_prompt(base.tokenizer, task.messages(p))
+               for p in task.problems("train", args.lever_problems)]
+    params = GenerationParams(n=args.k, temperature=args.temperature, top_p=1.0,
+                              max_new_tokens=args.lever_max_new_tokens, seed=0)
+    engines, first_call_s, runs = {}, {}, {}
+    for lever in args.levers:
+        engines[lever] = make_engine("hf", path, batch_size=rows, model=base.model,
+                                     tokenizer=base.tokenizer, **LEVERS[lever])
+        first_call_s[lever] = timed_generate(engines[lever], prompts, params)["wall"]
+    for _ in range(args.repeats):
+        for lever in args.levers:
+            runs.setdefault(lever, []).append(timed_generate(engines[lever], prompts, params))
+    levers = {}
+    for lever, timed in runs.items():
+        wall_rate = statistics.median(r["tokens"] / r["wall"] for r in timed)
+        cpu_rate = statistics.median(r["tokens"] / r["cpu"] for r in timed)
+        levers[lever] = {
+            "tokens_per_s": round(wall_rate, 1), "tokens_per_cpu_s": round(cpu_rate, 1),
+            "share_of_bound": round(wall_rate / bound["bound_tokens_per_s"], 4),
+            "share_of_bound_cpu": round(cpu_rate / bound["bound_tokens_per_s"], 4),
+            "occupancy": round(statistics.median(r["occupancy"] for r in timed), 3),
+            "first_call_s": round(first_call_s[lever], 1)}
+    for lever in levers.values():
+        baseline = levers.get("baseline", lever)
+        lever["vs_baseline"] = round(lever["tokens_per_s"] / baseline["tokens_per_s"], 2)
+        lever["vs_baseline_cpu"] = round(lever["tokens_per_cpu_s"] / baseline["tokens_per_cpu_s"], 2)
+    return {"model": name, "path": path, "batch": rows, "threads": torch.get_num_threads(),
+            "max_new_tokens": args.lever_max_new_tokens, "repeats": args.repeats,
+            **{k: round(v, 1) for k, v in bound.items()}, "levers": levers}
+
+
+def print_levers(r: dict) -> None:
+    print(f"{r['model']} at batch {r['batch']} ({r['threads']} thread(s), max_new_tokens "
+          f"{r['max_new_tokens']}): decode-shape matmul {r['decode_matmul_flops_per_s'] / 1e9:.1f} "
+          f"GFLOP/s / {r['flops_per_new_token'] / 1e6:.2f} MFLOP per new token (2 x "
+          f"{r['matmul_params']:,.0f} matmul params) -> compute bound "
+          f"{r['bound_tokens_per_s']:,.0f} new tokens/s", flush=True)
+    for lever, x in r["levers"].items():
+        print(f"  {lever:<22} {x['tokens_per_s']:>8,.0f} tok/s = {100 * x['share_of_bound']:5.1f}% "
+              f"of bound ({x['vs_baseline']:.2f}x baseline); {x['tokens_per_cpu_s']:>8,.0f} "
+              f"tok/CPU-s = {100 * x['share_of_bound_cpu']:5.1f}% ({x['vs_baseline_cpu']:.2f}x); "
+              f"occupancy {x['occupancy']:.2f}; first call {x['first_call_s']} s", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["toy", "smollm2-135m"])
+    parser.add_argument("--models", nargs="*", default=["toy", "smollm2-135m"])
     parser.add_argument("--output-dir", default="runs/default", help="where toy_base/run.json is")
     parser.add_argument("--task", default="arith")
     parser.add_argument("--problems", type=int, default=16)
@@ -115,8 +231,19 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (0: torch default; 1 is fastest on a busy CPU)")
+    parser.add_argument("--lever-models", nargs="*", default=["toy"],
+                        help="models whose compute bound and levers are measured (none: skip)")
+    parser.add_argument("--levers", nargs="+", default=DEFAULT_LEVERS,
+                        help=f"from {', '.join(LEVERS)}, or 'all' (compile takes minutes)")
+    parser.add_argument("--lever-problems", type=int, default=32)
+    parser.add_argument("--lever-max-new-tokens", type=int, default=160)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
+    args.levers = list(LEVERS) if args.levers == ["all"] else args.levers
+    unknown = sorted(set(args.levers) - set(LEVERS))
+    if unknown:
+        parser.error(f"unknown lever(s) {unknown}; known: {', '.join(LEVERS)}")
     results = []
     for name in args.models:
         r = bench_model(name, args)
@@ -126,6 +253,10 @@ def main() -> None:
               f"{r['speedup']}x; overhead outside the engine {100 * r['overhead_share']:.1f}% "
               f"of {r['stage_wall_s']} s; engine {r['engine_s']} s with shared prefill vs "
               f"{r['engine_s_num_return_sequences']} s with num_return_sequences", flush=True)
+    for name in args.lever_models:
+        r = bench_levers(name, args)
+        results.append(r)
+        print_levers(r)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 

@@ -10,7 +10,7 @@ from backtrack.rl import algorithm as alg
 from backtrack.rl.rollout import Row
 from backtrack.rl.shared_forward import shared_batch, shared_logps
 
-P, A1, CARRIED, BRIDGE, A2 = (alg.segment_id(s) for s in alg.SEGMENTS)
+P, A1, CARRIED, BRIDGE, A2 = (alg.segment_id(s) for s in alg.SEGMENTS[:5])
 
 
 def _rows() -> tuple[list[Row], list[int]]:
@@ -29,8 +29,9 @@ def _rows() -> tuple[list[Row], list[int]]:
         rows.append(Row(prompt + lead + ids(size), [P] * 7 + [A1] * (2 + size), k))
         groups.append(0)
     prompt = ids(4)
-    for k, size in enumerate((6, 3)):
-        rows.append(Row(prompt + ids(size), [P] * 4 + [A1] * size, 3 + k))
+    for k, size in enumerate((6, 3)):  # with process-reward steps: two steps per completion
+        rows.append(Row(prompt + ids(size), [P] * 4 + [A1] * size, 3 + k,
+                        [-1] * 4 + [0] * (size // 2) + [1] * (size - size // 2)))
         groups.append(1)
     prompt, first = ids(9), ids(4)
     rows.append(Row(prompt + first, [P] * 9 + [A1] * 4, 5))
@@ -78,6 +79,9 @@ def test_shared_prompt_forward_equals_the_plain_forward(tiny_model_dir):
     # the realigned segments are the plain targets' segments
     realigned = _dense(batch, batch.targets.float(), plain.size(1))
     assert torch.equal(realigned * scored, targets.float() * scored)
+    steps = _dense(batch, batch.steps.float(), plain.size(1))
+    assert torch.equal(steps * scored, plain_batch.steps.float() * scored)
+    assert plain_batch.steps[3].tolist()[:8] == [-1, -1, -1, 0, 0, 0, 1, 1]
 
 
 def test_no_sharing_is_the_plain_layout():

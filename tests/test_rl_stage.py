@@ -97,12 +97,15 @@ def test_sigkill_then_resume_ends_with_the_same_steps(tiny_model_dir, tmp_path, 
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--method", "ppo"], "'ppo' is not one of ['outcome', 'score_stage1', 'score']"),
+    (["--method", "ppo"], "'ppo' is not one of ['outcome', 'score_stage1', 'score', 'process']"),
     (["--kl", "-0.1"], "option 'kl': must be >= 0"),
     (["--kl-stage1-attempt1", "-1"], "option 'kl_stage1_attempt1': must be >= 0"),
     (["--baseline", "loo", "--group-size", "1"], "leave-one-out baseline needs at least 2"),
     (["--parent", "rft_bt"], "no trained model for arm 'rft_bt'"),
     (["--report-to", "mlflow"], "'mlflow' is not one of"),
+    (["--method", "process"], "option 'scale_std': method process does not scale"),
+    (["--reward-on", "final_attempt", "--trace-format", "nope"],
+     "option 'trace_format': unknown format 'nope' (known: s2r)"),
 ])
 def test_bad_input_is_one_line_exit_2(tiny_model_dir, tmp_path, cli_env, extra, message):
     out = tmp_path / "run"

@@ -151,6 +151,23 @@ def test_right_first_share(share, right_first, wrong_first):
     assert [e.completion for e in again] == [e.completion for e in examples]  # seeded
 
 
+@pytest.mark.parametrize("cap,right_first,wrong_first", [(0, 10, 10), (8, 4, 4), (5, 2, 3),
+                                                          (20, 10, 10)])
+def test_max_trajectories_keeps_the_right_first_share(cap, right_first, wrong_first):
+    """20 trajectories (share 0.5): a cap keeps that many, right-first in their share (5 ->
+    round(2.5) = 2 right-first), seeded; 0 or a cap above the count keeps all."""
+    samples = [r for i in range(10) for r in _records(f"q{i}", 1, 1)]
+    problems = [Problem(f"q{i}", "q", "15", P2["solution"]) for i in range(10)]
+    config = S2RDataConfig(right_first_share=0.5, max_wrong_attempts=1, max_trajectories=cap)
+    runs = [build_s2r_examples(samples, [], task_verifier(ARITH, problems, config), config)
+            for _ in range(2)]
+    (examples, stats), (again, _) = runs
+    n_attempts = [sum(s.kind == "attempt" for s in e.segments) for e in examples]
+    assert (n_attempts.count(1), n_attempts.count(2)) == (right_first, wrong_first)
+    assert stats["trajectories"] == right_first + wrong_first
+    assert [e.completion for e in again] == [e.completion for e in examples]
+
+
 def test_model_verifications_that_disagree_are_dropped():
     """A `Verifier` need not be the task's (GSM8K's will be the model's own checks): a check
     that calls a wrong attempt correct is dropped like one that calls a right attempt wrong."""
@@ -252,6 +269,7 @@ def test_final_attempt_is_the_last_one():
     ({"right_first_share": 1.5}, r"^option 'right_first_share': must be in \[0, 1\], got 1.5$"),
     ({"right_first_share": -0.1}, r"^option 'right_first_share': must be in \[0, 1\]"),
     ({"max_wrong_attempts": 0}, r"^option 'max_wrong_attempts': must be 1 or more"),
+    ({"max_trajectories": -1}, r"^option 'max_trajectories': must be 0 \(all\) or more"),
     ({"retry_cue": "wait, let me recheck my solution."}, r"'verify_cue' and 'retry_cue' must"),
 ])
 def test_bad_config_is_a_one_line_error(section, message):

@@ -85,6 +85,42 @@ def test_s2r_data_needs_a_task_with_a_verification_hook(tmp_path, tiny_model_dir
         data_config(BuildConfig(s2r={"right_first_share": 1.5}))
 
 
+@pytest.mark.parametrize("s2r,message", [
+    ({"verify_cue": ""}, "option 'verify_cue': must not be empty"),
+    ({"retry_cue": "   "}, "option 'retry_cue': must not be empty"),
+    ({"right_first_share": 1.5}, "option 'right_first_share': must be in [0, 1], got 1.5"),
+    ({"right_first_share": -0.2}, "option 'right_first_share': must be in [0, 1], got -0.2"),
+    ({"max_trajectories": -3}, "option 'max_trajectories': must be 0 (all) or more"),
+    ({"verify_kue": "Hmm."}, "unknown key 'verify_kue' in section 's2r'"),
+])
+def test_bad_s2r_options_write_nothing(tmp_path, tiny_model_dir, s2r, message):
+    """The build stage with a bad `s2r` option: a one-line UserError, and no sft/ (not even a
+    temp folder) left behind, though another arm's data was fine."""
+    from backtrack.build import BuildConfig, main
+    from backtrack.models import load_tokenizer
+
+    _write_samples(tmp_path / "samples", load_tokenizer(str(tiny_model_dir)))
+    with pytest.raises(UserError) as caught:
+        main(BuildConfig(arms=["rft", "s2r_sft"], task="arith", task_args=TASK_ARGS,
+                         model=str(tiny_model_dir), output_dir=str(tmp_path), s2r=s2r))
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples"]
+
+
+def test_bad_s2r_option_on_the_command_line_exits_2(tmp_path, tiny_model_dir, cli_env):
+    from backtrack.models import load_tokenizer
+
+    _write_samples(tmp_path / "samples", load_tokenizer(str(tiny_model_dir)))
+    out = subprocess.run([*BACKTRACK_CMD, "build", "--task", "arith", "--task-args",
+                          json.dumps(TASK_ARGS), "--model", str(tiny_model_dir), "--arms",
+                          "[rft, s2r_sft]", "--s2r", "{verify_cue: '', right_first_share: 2}",
+                          "--output-dir", str(tmp_path)],
+                         capture_output=True, text=True, env=cli_env, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == ["error: option 'verify_cue': must not be empty"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples"]
+
+
 def test_self_verify_grades_the_last_attempt_and_adds_verdict_metrics(tmp_path, tiny_model_dir):
     from backtrack import evaluate
 

@@ -139,9 +139,10 @@ def describe() -> list[str]:
     return lines
 
 
-def model_path(name: str, model: str, output_dir: str) -> str:
+def model_path(name: str, model: str, output_dir: str, arm_models: dict | None = None) -> str:
     """The model folder an arm is evaluated with: its own trained model, the nearest trained
-    ancestor's, or the recipe's base model (alias resolved)."""
+    ancestor's, or the recipe's base model (alias resolved); `arm_models` names another
+    folder for a trained arm (an iterated arm's last round)."""
     from pathlib import Path
 
     from backtrack.layout import RunLayout
@@ -150,7 +151,8 @@ def model_path(name: str, model: str, output_dir: str) -> str:
     source = model_source(name)
     if source is None:
         return resolve_model_path(model, output_dir)
-    path = RunLayout(Path(output_dir)).model(source.name)
+    path = Path((arm_models or {}).get(source.name) or RunLayout(Path(output_dir)).model(
+        source.name))
     if not (path / "config.json").is_file():
         command = "train" if source.training == "sft" else "rl"
         raise UserError(f"{path}: no trained model for arm '{source.name}'; run `backtrack "

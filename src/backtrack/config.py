@@ -70,7 +70,7 @@ class CommonConfig:
 STAGE_SECTIONS = ("toy_base", "sample", "backtrack", "build", "train", "rl", "eval", "report",
                   "probe")
 # Top-level recipe keys beyond CommonConfig's, applied to every stage config that has the field.
-RUN_KEYS = ("arms",)
+RUN_KEYS = ("arms", "iterations")
 
 
 def _field_types(cls: type) -> dict[str, Any]:

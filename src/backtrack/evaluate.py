@@ -9,6 +9,7 @@ continues where it stopped; `metrics.json` is recomputed from the records at the
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,10 @@ class EvalConfig(GenerationConfig):
     arms: list = option(list(DEFAULT_ARMS), "Evaluations: arm names (`backtrack arms`), or "
                         "arm@protocol for an arm under another protocol (e.g. base@two_attempt).",
                         in_store=False)
+    arm_models: dict = option({}, "Model folder of a trained arm, in place of "
+                              "<output_dir>/models/<arm>/: {rft_bt: path}; `backtrack run` "
+                              "sets it to an iterated arm's last round (iterations.py).",
+                              hashed=False, in_store=False)
     n: int = option(16, "Samples per test problem (pass@k and maj@k for k = 1, 2, 4, ..., n).",
                     in_store=False)
     split: str = option("test", "Split to evaluate on; `train` with `skip` past the problems "
@@ -105,6 +110,14 @@ def fingerprint(config: EvalConfig, evaluation, model_path: str) -> dict:
             "model": model_identity(model_path)}
 
 
+def protocol_options(config: EvalConfig, evaluation) -> dict:
+    """Keyword options of the protocol's record maker and extra metrics for this evaluation."""
+    from backtrack.protocols import get_protocol
+
+    protocol = get_protocol(evaluation.protocol)
+    return protocol.options(config, evaluation) if protocol.options else {}
+
+
 def sample_evaluation(config: EvalConfig, evaluation, model_path: str, task, problems,
                       store) -> None:
     """Generate the missing samples of `problems` into `store` under the protocol."""
@@ -117,6 +130,7 @@ def sample_evaluation(config: EvalConfig, evaluation, model_path: str, task, pro
     if all((p.id, i, 0) in done for p in problems for i in range(config.n)):
         return
     protocol = get_protocol(evaluation.protocol)
+    options = protocol_options(config, evaluation)
     tokenizer = load_tokenizer(model_path)
     messages = {p.id: task.messages(p) for p in problems}
     prompts = {p.id: render_prompt(tokenizer, messages[p.id]) for p in problems}
@@ -128,7 +142,8 @@ def sample_evaluation(config: EvalConfig, evaluation, model_path: str, task, pro
         sample_problems(engine, task, problems, prompts, config.generation_params(config.n),
                         store, config.n, config.batch_size, desc=f"eval {evaluation.name}",
                         progress=config.progress, extra_fields={"arm": evaluation.name},
-                        make_record=protocol.make_record or sample_record)
+                        make_record=functools.partial(protocol.make_record, **options)
+                        if protocol.make_record else sample_record)
     finally:
         engine.close()
 
@@ -159,7 +174,8 @@ def evaluate_arm(config: EvalConfig, entry: str) -> dict:
         raise UserError(f"task '{config.task}': no {config.split} problems after skipping "
                         f"{config.skip}")
     folder = RunLayout.of(config).evaluation(evaluation.name, config.split)
-    model_path = arm_model_path(evaluation.arm.name, config.model, config.output_dir)
+    model_path = arm_model_path(evaluation.arm.name, config.model, config.output_dir,
+                                config.arm_models)
     with RecordStore(folder, fingerprint(config, evaluation, model_path)) as store:
         sample_evaluation(config, evaluation, model_path, task, problems, store)
         wanted = {p.id for p in problems}
@@ -169,7 +185,7 @@ def evaluate_arm(config: EvalConfig, entry: str) -> dict:
                "model_path": model_path, **summarize_arm(config, task, records)}
     extra = get_protocol(evaluation.protocol).extra_metrics
     if extra is not None:  # a protocol's own figures (e.g. S²R's verdict accuracy)
-        more = extra(records, task, config)
+        more = extra(records, task, config, **protocol_options(config, evaluation))
         summary["metrics"].update(more["metrics"])
         summary["per_problem"].update(more["per_problem"])
     write_json(folder / "metrics.json", summary, indent=1)

@@ -52,6 +52,10 @@ class RunLayout:
     def evaluation(self, name: str, split: str = "test") -> Path:
         return self.eval_root(split) / name
 
+    def iteration(self, arm: str, round_: int) -> RunLayout:
+        """Round `round_` >= 2 of an iterated arm (iterations.py): a run folder of its own."""
+        return RunLayout(self.output_dir / "iterations" / arm / f"iter{round_}")
+
     def probe(self, arm: str) -> Path:
         return self.output_dir / "probe" / arm
 

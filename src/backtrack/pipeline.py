@@ -20,6 +20,7 @@ downstream of it, after moving its old outputs to `run/stale/`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib
 import json
@@ -57,6 +58,10 @@ class RunConfig(CommonConfig):
 
     arms: list = option(["base", "rft", "rft_bt", "budget_forcing"], "Evaluations to run and "
                         "report: arm names (`backtrack arms`) or arm@protocol.")
+    iterations: int = option(1, "On-policy rounds (expert iteration): an SFT arm that trains "
+                             "on its own samples is made this many times, each round sampling, "
+                             "backtracking, building and training from the previous round's "
+                             "model; its evaluations use the last round's (iterations.py).")
     stages: list = option(list(ALL_STAGES), "Stages to run, in pipeline order (others are "
                           "assumed done).", hashed=False)
     force: bool = option(False, "Re-run the selected stages even when their output exists.",
@@ -66,13 +71,15 @@ class RunConfig(CommonConfig):
                                     "in this process.", hashed=False)
 
     def validate(self) -> None:
-        from backtrack.arms import validate_evaluations
+        from backtrack.arms import required_arms, validate_evaluations
+        from backtrack.iterations import iterated_arms
 
         unknown = [s for s in self.stages if s not in ALL_STAGES]
         if unknown:
             raise UserError(f"option 'stages': unknown stage(s) {unknown} (known: "
                             f"{list(ALL_STAGES)})")
-        validate_evaluations(self.arms)
+        evaluations = validate_evaluations(self.arms)
+        iterated_arms(required_arms([e.arm.name for e in evaluations]), self.iterations)
 
 
 @dataclass
@@ -84,6 +91,7 @@ class Step:
     config: Any
     run: Callable[[Any], Any]
     deps: list[str]
+    unhashed: tuple[str, ...] = ()  # config fields left out of its digest (see step_digests)
 
     @property
     def module(self):
@@ -125,9 +133,12 @@ def resolve_recipe(recipe: dict, source: str, overrides: dict
 def plan(config: RunConfig, recipe: dict, source: str, shared: dict) -> list[Step]:
     """The steps of the experiment with configs resolved from the recipe and the registry."""
     from backtrack.arms import model_source, parse_evaluation, required_arms
+    from backtrack.iterations import iterated_arms, later_rounds, model_dir, train_step
 
     evaluations = [parse_evaluation(e) for e in config.arms]
     arms = required_arms([e.arm.name for e in evaluations])
+    iterated = iterated_arms(arms, config.iterations)
+    last = {name: config.iterations for name in iterated}  # the round whose model counts
 
     def cfg(stage, **extra):
         module, cls_name = STAGE_MODULES[stage]
@@ -136,38 +147,51 @@ def plan(config: RunConfig, recipe: dict, source: str, shared: dict) -> list[Ste
 
     needed = _stage_args(arms, recipe)
 
-    def step(name, stage, deps, **extra):
-        conf = cfg(stage, **{**needed.get(stage, {}), **extra})
+    def step(name, stage, deps, args=None, **extra):
+        conf = cfg(stage, **{**(needed if args is None else args).get(stage, {}), **extra})
         return Step(name, stage, conf, getattr(importlib.import_module(
             STAGE_MODULES[stage][0]), "main"), deps)
 
-    data_arms = [a.name for a in arms if a.build is not None]
-    reads = {stage for a in arms if a.build is not None for stage in a.reads}
     base = ["toy_base"] if config.model == "toy" else []
 
     def model_step(arm_name: str) -> list[str]:
         source = model_source(arm_name)
-        return [f"train_{source.name}"] if source else base
+        return [train_step(source.name, last.get(source.name, 1))] if source else base
 
     steps = [step("toy_base", "toy_base", [])] if base else []
-    if "sample" in reads or "backtrack" in reads:
-        steps.append(step("sample", "sample", base))
-    if "backtrack" in reads:
-        steps.append(step("backtrack", "backtrack", ["sample"]))
-    if data_arms:
-        upstream = [s for s in ("sample", "backtrack") if s in reads and s in
-                    {x.name for x in steps}][-1:]
-        steps.append(step("build", "build", upstream, arms=data_arms))
+    steps += _data_steps(arms, step, base)
     for stage in {TRAINING_STAGES[a.training] for a in arms if a.training}:
         cfg(stage)  # the recipe's own section must be valid, even where an arm fixes a key
     for arm in (a for a in arms if a.training):
         deps = (["build"] if arm.build else []) + (model_step(arm.parent) if arm.parent else base)
         steps.append(_training_step(config, source, shared, step, arm, deps))
+        if arm.name in iterated:
+            train = functools.partial(_training_step, config, source, shared, step, arm)
+            steps += later_rounds(config, arm, _stage_args([arm], recipe), step, train)
+    layout = RunLayout.of(config)
     for evaluation in evaluations:
+        origin = model_source(evaluation.arm.name)
+        models = ({origin.name: model_dir(layout, origin.name, last[origin.name])}
+                  if origin and origin.name in last else {})
         steps.append(step(f"eval_{evaluation.name}", "eval", model_step(evaluation.arm.name),
-                          arms=[evaluation.name]))
+                          arms=[evaluation.name], arm_models=models))
     steps.append(step("report", "report", [f"eval_{e.name}" for e in evaluations],
-                      arms=[e.name for e in evaluations]))
+                      arms=[e.name for e in evaluations], iterations=config.iterations))
+    return steps
+
+
+def _data_steps(arms: list, step: Callable, base: list[str]) -> list[Step]:
+    """sample / backtrack when an arm's data reads them, and one build step for every SFT arm."""
+    data_arms = [a.name for a in arms if a.build is not None]
+    reads = {stage for a in arms if a.build is not None for stage in a.reads}
+    steps = []
+    if "sample" in reads or "backtrack" in reads:
+        steps.append(step("sample", "sample", base))
+    if "backtrack" in reads:
+        steps.append(step("backtrack", "backtrack", ["sample"]))
+    if data_arms:
+        upstream = [s.name for s in steps][-1:]
+        steps.append(step("build", "build", upstream, arms=data_arms))
     return steps
 
 
@@ -186,11 +210,15 @@ def _stage_args(arms: list, recipe: dict) -> dict[str, dict]:
 
 
 def _training_step(config: RunConfig, source: str, shared: dict, step: Callable, arm,
-                   deps: list[str]) -> Step:
-    """The training step of an arm: SFT (`train`) or RL (`rl`), with the arm's fixed options."""
+                   deps: list[str], name: str = "", args: dict | None = None,
+                   extra: dict | None = None) -> Step:
+    """The training step of an arm: SFT (`train`) or RL (`rl`), with the arm's fixed options
+    (`extra`: a round's folder and model, iterations.py)."""
     stage = TRAINING_STAGES[arm.training]
-    extra = {"parent": arm.parent or "base"} if stage == "rl" else {}
-    built = step(f"train_{arm.name}", stage, deps, arm=arm.name, **extra, **arm.train_args)
+    extra = extra or {"arm": arm.name, **arm.train_args}
+    if stage == "rl":
+        extra["parent"] = arm.parent or "base"
+    built = step(name or f"train_{arm.name}", stage, deps, args=args, **extra)
     if config.accelerate_config:
         built.run = _accelerate_launcher(config, source, shared, stage)
     return built
@@ -209,7 +237,10 @@ def _accelerate_launcher(config: RunConfig, source: str, shared: dict,
                    train_config.arm, "--resume", str(train_config.resume).lower()]
         if source:
             command += ["--config", source]
-        for key, value in shared.items():
+        values = dict(shared)
+        if train_config.output_dir != config.output_dir:  # a later round (iterations.py)
+            values.update({k: getattr(train_config, k) for k in ("output_dir", "model", "seed")})
+        for key, value in values.items():
             text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
             command += ["--" + key.replace("_", "-"), text]
         print("[run] " + " ".join(command), flush=True)
@@ -220,11 +251,13 @@ def _accelerate_launcher(config: RunConfig, source: str, shared: dict,
     return launch
 
 
-def config_hash(config: Any, dep_hashes: list[str]) -> str:
+def config_hash(config: Any, dep_hashes: list[str], unhashed: tuple[str, ...] = ()) -> str:
     """A step's hash: its hashed fields that differ from their defaults, and its inputs'
-    hashes. Leaving defaults out means a newly added option does not re-run finished runs."""
+    hashes. Leaving defaults out means a newly added option does not re-run finished runs;
+    `unhashed` fields are ones an upstream digest already covers (a round's model path)."""
     defaults = hashed_values(type(config)())
-    values = {k: v for k, v in hashed_values(config).items() if defaults.get(k) != v}
+    values = {k: v for k, v in hashed_values(config).items()
+              if defaults.get(k) != v and k not in unhashed}
     text = json.dumps([values, sorted(dep_hashes)], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -244,7 +277,8 @@ def _prepare(step: Step, marker: dict | None, changed: bool, layout: RunLayout) 
                 os.replace(folder, stale / f"{step.name}-{name}")
                 print(f"[run] {step.name}: moved old output {folder} to {stale}")
     if hasattr(step.config, "resume"):  # training steps: continue an interrupted run
-        interrupted = marker is None and layout.checkpoints(step.config.arm).is_dir()
+        own = RunLayout.of(step.config)  # a later round trains in its own folder
+        interrupted = marker is None and own.checkpoints(step.config.arm).is_dir()
         return dataclasses.replace(step.config, resume=interrupted)
     return step.config
 
@@ -253,7 +287,8 @@ def step_digests(steps: list[Step]) -> dict[str, str]:
     """Each step's digest: its hashed config fields and the digests of the steps it reads."""
     hashes: dict[str, str] = {}
     for step in steps:
-        hashes[step.name] = config_hash(step.config, [hashes.get(d, "") for d in step.deps])
+        hashes[step.name] = config_hash(step.config, [hashes.get(d, "") for d in step.deps],
+                                        step.unhashed)
     return hashes
 
 

@@ -29,6 +29,13 @@ class Protocol:
     wrap: Callable | None = None  # wrap(engine, tokenizer, config, messages_by_prompt) -> engine
     make_record: Callable | None = None  # (task, problem, prompt, idx, completion) -> record
     extra_metrics: Callable | None = None  # (records, task, config) -> {metrics, per_problem}
+    # (eval config, evaluation) -> keyword options for make_record and extra_metrics (e.g. the
+    # S²R cues the evaluated model was trained with)
+    options: Callable | None = None
+    # (matplotlib axes, {evaluation: metrics.json}) -> None: the protocol's plot in the report,
+    # drawn when an evaluation ran under it; `plot_file` names the PNG
+    plot: Callable | None = None
+    plot_file: str = ""
 
 
 class BudgetForcingEngine:
@@ -147,3 +154,15 @@ def get_protocol(name: str) -> Protocol:
     if name not in PROTOCOLS:
         raise UserError(f"unknown protocol '{name}' (known: {', '.join(PROTOCOLS)})")
     return PROTOCOLS[name]
+
+
+def protocol_plots(evaluations: dict[str, dict]) -> list[tuple]:
+    """(file name, draw(ax)) of each protocol's own report plot, over the evaluations (name ->
+    metrics.json) run under it; protocols without a plot or without evaluations give none."""
+    from backtrack.arms import load_methods
+
+    load_methods()  # method modules register their protocols
+    rows = {name: {e: d for e, d in evaluations.items() if d.get("protocol") == name}
+            for name in PROTOCOLS}
+    return [(p.plot_file, lambda ax, p=p: p.plot(ax, rows[p.name]))
+            for p in PROTOCOLS.values() if p.plot and rows[p.name]]

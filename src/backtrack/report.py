@@ -18,13 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from backtrack import compute_matched, score_compute
+from backtrack import compute_matched, iterations, score_compute
 from backtrack.config import CommonConfig, option
 from backtrack.errors import UserError
 from backtrack.evaluate import DEFAULT_ARMS
 from backtrack.fileio import read_json, replace_dir
 from backtrack.layout import RunLayout
 from backtrack.metrics import paired_bootstrap
+from backtrack.protocols import protocol_plots
 
 DATA_FILES = {"sample": "samples/summary.json", "backtrack": "backtrack/summary.json",
               "sft": "sft/stats.json"}
@@ -68,6 +69,8 @@ class ReportConfig(CommonConfig):
         ["pass@1", "pass@4", "pass@n", "maj@n"],
         "Metrics for the significance sentences; 'n' means the largest k evaluated.")
     n_boot: int = option(10000, "Bootstrap resamples for the paired comparisons.")
+    iterations: int = option(1, "On-policy rounds of the run (`backtrack run`'s); above 1 the "
+                             "report records each round's model and yield.")
 
 
 def outputs(config: ReportConfig) -> list[Path]:
@@ -251,6 +254,7 @@ def render_markdown(results: dict, plots: list[str]) -> str:
     if results.get("missing_arms"):
         lines += [f"Arms without evaluation output: {', '.join(results['missing_arms'])}.", ""]
     lines += _data_lines(results.get("data") or {})
+    lines += iterations.markdown(results.get("iterations"))
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines)
 
@@ -323,6 +327,7 @@ def write_plots(folder: Path, arms: dict[str, dict], losses: dict,
     drawings += [(f"{prefix}_vs_tokens.png",
                   lambda ax, p=prefix: compute_matched.plot_vs_tokens(ax, matched, p))
                  for prefix in ("pass", "maj") if matched]
+    drawings += protocol_plots(arms)  # e.g. S²R's verdict accuracy
     for name, draw in drawings:
         fig, ax = plt.subplots(figsize=(6, 4))
         draw(ax)
@@ -377,6 +382,7 @@ def main(config: ReportConfig) -> Path:
                                                config.seed),
         "training_loss": {arm: {"steps": s, "loss": v} for arm, (s, v) in losses.items()},
         "data": {name: d for name, d in data.items() if d is not None},
+        "iterations": iterations.summary(output_dir, list(config.arms), config.iterations),
     }
     target = layout.report
     tmp = output_dir / f".report.tmp-{os.getpid()}"

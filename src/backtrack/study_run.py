@@ -54,16 +54,19 @@ def share_groups(config: StudyConfig, runs: list[Run]) -> dict[tuple[str, str], 
     """{(step, where it is kept): the runs that read it}, in plan order, from the plans' step
     digests alone (nothing runs)."""
     groups: dict[tuple[str, str], list[str]] = {}
-    order: dict[str, int] = {}
+    order: list[str] = []  # plan order; a step only some runs have goes after its predecessor
     for run in runs:
         _, steps = plan_run(run)
         digests = pipeline.step_digests(steps)
+        previous = None
         for step in steps:
-            order.setdefault(step.name, len(order))
+            if step.name not in order:
+                order.insert(order.index(previous) + 1 if previous else 0, step.name)
+            previous = step.name
             key = share_key(step, digests[step.name], config.share)
             where = key if key != "per run" else f"per run ({run.name})"
             groups.setdefault((step.name, where), []).append(run.name)
-    return dict(sorted(groups.items(), key=lambda item: order[item[0][0]]))
+    return dict(sorted(groups.items(), key=lambda item: order.index(item[0][0])))
 
 
 def print_plan(config: StudyConfig, runs: list[Run], mine: list[Run]) -> None:

@@ -4,12 +4,21 @@ Prompts are sorted by token length and left-padded into batches so little comput
 padding. When n > 1, each prompt is prefilled once and its KV cache is repeated n times before
 decoding (transformers' `num_return_sequences` copies the prompt first and prefills every copy).
 Generation stops at EOS / end-of-turn tokens and at optional stop strings.
+
+Speed options, all off by default (off = the same tokens as before for a seed):
+`attn_implementation` picks transformers' attention for generation, `attend_filled` reads only
+the filled part of the static cache (see `hf_attention`), `compile` compiles the decode step
+off CUDA too (transformers already compiles it on CUDA when the cache is static).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from backtrack.engines import Completion, Engine, GenerationParams, cut_at_stop, derive_seed
 from backtrack.errors import UserError
+
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 
 
 def load_model_and_tokenizer(model_path: str, device: str, dtype: str | None):
@@ -29,11 +38,18 @@ def load_model_and_tokenizer(model_path: str, device: str, dtype: str | None):
 
 class HFEngine(Engine):
     """`batch_size` is the number of sequences decoded together (prompts x n); `num_threads`
-    sets torch's CPU threads (1 is often fastest for small models on a busy machine)."""
+    sets torch's CPU threads (1 is often fastest for small models on a busy machine).
+    `attn_implementation` ("eager" | "sdpa"; None keeps the model's) applies during generation
+    only, so a model shared with a trainer keeps its own. `attend_filled` (static cache only)
+    makes attention read the filled cache slots only: reading the whole static cache is the
+    largest cost of a small model's decode step on CPU. `compile` compiles the decode step with
+    transformers' CompileConfig off CUDA too (on CUDA transformers already compiles a static-
+    cache decode); it pays about a minute per process on the toy model."""
 
     def __init__(self, model_path: str, device: str | None = None, dtype: str | None = None,
                  batch_size: int = 64, share_prefill: bool = True, num_threads: int | None = None,
-                 cache: str = "static", model=None, tokenizer=None):
+                 cache: str = "static", attn_implementation: str | None = None,
+                 attend_filled: bool = False, compile: bool = False, model=None, tokenizer=None):
         import torch
         from transformers import GenerationConfig
 
@@ -58,6 +74,30 @@ class HFEngine(Engine):
         if cache not in ("static", "dynamic"):
             raise UserError(f"engine 'hf': option 'cache' must be static or dynamic, got {cache!r}")
         self.cache = cache
+        self.attention = self._resolve_attention(attn_implementation, attend_filled)
+        if not isinstance(compile, bool):
+            raise UserError(f"engine 'hf': option 'compile' must be true or false, got {compile!r}")
+        self.compile = compile
+
+    def _resolve_attention(self, implementation: str | None, attend_filled: bool) -> str | None:
+        """The attention implementation to generate with (None: the model's own, untouched)."""
+        from backtrack.engines.hf_attention import filled_attention
+
+        if implementation is not None and implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise UserError(f"engine 'hf': option 'attn_implementation' must be one of "
+                            f"{', '.join(ATTENTION_IMPLEMENTATIONS)} or null, got {implementation!r}")
+        if not isinstance(attend_filled, bool):
+            raise UserError(f"engine 'hf': option 'attend_filled' must be true or false, "
+                            f"got {attend_filled!r}")
+        if not attend_filled:
+            return implementation
+        if self.cache != "static":
+            raise UserError("engine 'hf': option 'attend_filled' needs cache: static")
+        base = implementation or self.model.config._attn_implementation
+        if base not in ATTENTION_IMPLEMENTATIONS:
+            raise UserError(f"engine 'hf': option 'attend_filled' works with eager or sdpa "
+                            f"attention; the model uses {base!r} (set attn_implementation)")
+        return filled_attention(base)
 
     def encode(self, prompt: str) -> list[int]:
         """Prompt ids; the chat template already holds any BOS, so none is added."""
@@ -97,8 +137,9 @@ class HFEngine(Engine):
             kwargs["suppress_tokens"] = [self.pad_id]
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        kwargs.update(self._compile_kwargs())
         torch.manual_seed(seed)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._attention_scope():
             if params.n > 1 and self.share_prefill and width > 1:
                 input_ids, mask, cache = self._shared_prefill(
                     input_ids, mask, params.n, width + params.max_new_tokens)
@@ -110,6 +151,35 @@ class HFEngine(Engine):
             out = self.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
         generated = out[:, width:].tolist()
         return [self._to_completion(ids, params.stop) for ids in generated]
+
+    def _compile_kwargs(self) -> dict:
+        """generate() options for compiling the decode step (or keeping it uncompiled)."""
+        from transformers import CompileConfig
+
+        if self.compile and not self.device.startswith("cuda"):
+            config = CompileConfig(mode="default")  # "reduce-overhead" means CUDA graphs
+            # transformers compiles only on accelerators unless this flag (its switch "to
+            # compile on e.g. CPU") is set; it has no public argument for it.
+            config._compile_all_devices = True
+            return {"compile_config": config}
+        if self.attention and self.attention.startswith("backtrack_filled") and not self.compile:
+            # The filled-cache attention changes shape every step: CUDA's automatic compile
+            # (CUDA graphs) would re-record every step.
+            return {"disable_compile": True}
+        return {}
+
+    @contextmanager
+    def _attention_scope(self):
+        """Generate with `self.attention`, then give the model back its own implementation."""
+        own = self.model.config._attn_implementation
+        if self.attention is None or self.attention == own:
+            yield
+            return
+        self.model.set_attn_implementation(self.attention)
+        try:
+            yield
+        finally:
+            self.model.set_attn_implementation(own)
 
     def _shared_prefill(self, input_ids, mask, n: int, max_len: int):
         """Run the prompt batch once (all but its last token), then repeat the cache n times.

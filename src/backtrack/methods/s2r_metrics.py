@@ -58,6 +58,30 @@ def judge_trace(text: str, gold: str, check: Callable, cues: Cues = Cues()) -> J
     return judged
 
 
+def step_rewards(text: str, gold: str, check: Callable, cues: Cues = Cues()
+                 ) -> list[tuple[int, str, float | None]]:
+    """S²R's process-level rewards of a trace: [(end character, RL segment, reward), ...]
+    tiling `text`. An attempt gets +1 when right and -1 when wrong; a verification +1 when
+    its verdict agrees with the checker on the attempt before it and -1 when it disagrees or
+    reaches no verdict; cues get no reward (None). The first attempt is RL segment `attempt1`,
+    later ones `reattempt` (S²R's round 1 and rounds 2..N)."""
+    steps, last_right = [], None
+    for segment in parse_trace(text, cues.verify, cues.retry):
+        piece = text[segment.start:segment.end]
+        if segment.kind == "attempt":
+            last_right = bool(check(piece, gold).correct)
+            name = "reattempt" if any(s[1] in ("attempt1", "reattempt") for s in steps) \
+                else "attempt1"
+            steps.append((segment.end, name, 1.0 if last_right else -1.0))
+        elif segment.kind == "verification":
+            verdict = parse_verdict(piece, cues.correct, cues.wrong)
+            agrees = verdict is not None and (verdict == "correct") == last_right
+            steps.append((segment.end, "verification", 1.0 if agrees else -1.0))
+        else:
+            steps.append((segment.end, segment.kind, None))
+    return steps
+
+
 def _trace_counts(judged: JudgedTrace) -> dict[str, int]:
     """One trace's contribution to each numerator and denominator."""
     given = [(v, i) for v, i in judged.verdicts if v is not None]

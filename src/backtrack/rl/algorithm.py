@@ -16,6 +16,13 @@ of the rollout's named rewards (`r1` = attempt 1 correct, `r2` = attempt 2 corre
 its advantage, and the weight of its KL to the reference model. Context segments (the prompt,
 attempt-1 text carried into the attempt-2 prompt, the retry phrase or instruction) are never
 trained.
+
+Process-level rewards (S²R, Ma et al. 2025): a self-verifying trace is split into steps
+(attempts, verifications, and the cues between them), each step a span of tokens with its own
+reward. A rule weights the reward `step` to use it; the step's advantage is its reward minus
+the mean reward of the group's steps that share its segment and the rewards of every step
+before it (S²R's "prefix" baseline, computed here within the rollout group, as RLOO does for
+outcome rewards; `step_advantages`).
 """
 
 from __future__ import annotations
@@ -24,11 +31,15 @@ from dataclasses import dataclass, field
 
 from backtrack.errors import UserError
 
-# Segment ids are positions in this tuple; S²R's verify/retry segments are appended here.
-SEGMENTS = ("prompt", "attempt1", "carried", "bridge", "attempt2")
+# Segment ids are positions in this tuple. The last four are the parts of an S²R trace after
+# its first attempt: the verify cue, a verification, the retry cue and a later attempt.
+SEGMENTS = ("prompt", "attempt1", "carried", "bridge", "attempt2",
+            "verify_cue", "verification", "retry_cue", "reattempt")
 PAD_SEGMENT = -1
-GENERATED = ("attempt1", "attempt2")  # segments the policy samples (the only trainable ones)
-REWARDS = ("r1", "r2")
+# segments the policy samples (the only trainable ones)
+GENERATED = ("attempt1", "attempt2", "verify_cue", "verification", "retry_cue", "reattempt")
+# r1 / r2: attempt 1 / 2 of a rollout correct; step: the reward of the step a token is in
+REWARDS = ("r1", "r2", "step")
 BASELINES = ("mean", "loo")
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 
@@ -68,8 +79,16 @@ class Method:
                 if name not in REWARDS:
                     raise UserError(f"method '{self.name}': unknown reward '{name}' "
                                     f"(known: {', '.join(REWARDS)})")
-        if self.attempts == 1 and any(s != "attempt1" for s in self.rules):
-            raise UserError(f"method '{self.name}': a single-attempt method trains attempt1 only")
+        if self.attempts == 1 and "attempt2" in self.rules:
+            raise UserError(f"method '{self.name}': a single-attempt method has no attempt2")
+        if self.attempts == 2 and set(self.rules) - {"attempt1", "attempt2"}:
+            raise UserError(f"method '{self.name}': a two-attempt method trains attempt1 and "
+                            "attempt2 only")
+
+    @property
+    def uses_steps(self) -> bool:
+        """Whether its advantages need rollouts split into rewarded steps."""
+        return any("step" in rule.reward for rule in self.rules.values())
 
 
 def make_methods(kl: float, kl_stage1_attempt1: float, kl_stage1_attempt2: float,
@@ -81,6 +100,9 @@ def make_methods(kl: float, kl_stage1_attempt1: float, kl_stage1_attempt2: float
       reward term, only a strong KL that keeps it near the reference (the parent model).
     - score_stage2 (SCoRe Stage II): attempt 1 is credited with r1 and attempt 2 with the
       shaped r2 + alpha * (r2 - r1) (rewarding the flip wrong -> right), both with the usual KL.
+    - process (S²R's process-level RL): one self-verifying trace; each attempt and each
+      verification is credited with its own step reward, the cues carry no reward (advantage
+      0) but stay under the KL, as in S²R.
     """
     methods = {
         "outcome": Method("outcome", 1, {"attempt1": SegmentRule({"r1": 1.0}, kl)}),
@@ -90,6 +112,10 @@ def make_methods(kl: float, kl_stage1_attempt1: float, kl_stage1_attempt2: float
         "score_stage2": Method("score_stage2", 2, {
             "attempt1": SegmentRule({"r1": 1.0}, kl),
             "attempt2": SegmentRule({"r2": 1.0 + alpha, "r1": -alpha}, kl)}),
+        "process": Method("process", 1, {
+            "attempt1": SegmentRule({"step": 1.0}, kl), "reattempt": SegmentRule({"step": 1.0}, kl),
+            "verification": SegmentRule({"step": 1.0}, kl),
+            "verify_cue": SegmentRule({}, kl), "retry_cue": SegmentRule({}, kl)}),
     }
     for method in methods.values():
         method.validate()
@@ -124,7 +150,8 @@ def group_advantages(rewards, group_size: int, baseline: str = "mean", scale_std
 
 def segment_advantages(method: Method, rewards: dict, group_size: int, baseline: str = "mean",
                        scale_std: bool = False) -> dict:
-    """{segment: advantage per rollout} for every trained segment of `method`."""
+    """{segment: advantage per rollout} for every trained segment of `method` (from the
+    rollout-level rewards; a `step` term is per step, see `step_advantages`)."""
     import torch
 
     out = {}
@@ -132,25 +159,86 @@ def segment_advantages(method: Method, rewards: dict, group_size: int, baseline:
         count = len(next(iter(rewards.values())))
         total = torch.zeros(count)
         for name, weight in rule.reward.items():
+            if name == "step":
+                continue
             total = total + weight * torch.as_tensor(rewards[name], dtype=torch.float32)
         out[seg] = group_advantages(total, group_size, baseline, scale_std)
     return out
 
 
-def token_weights(method: Method, segments, row_rollout, seg_advantages: dict):
+def step_advantages(steps: list[list[tuple[str, float | None]]], group_size: int,
+                    baseline: str = "mean") -> list[list[float]]:
+    """Advantage of every step of every rollout (rollouts laid out G per problem, as in
+    `group_advantages`); `steps[r]` = [(segment, reward or None), ...] in the order written.
+
+    A step is compared with the steps of its group that share its segment and the rewards of
+    all rewarded steps before it (its "prefix", S²R's baseline: a verification after a right
+    attempt is compared with other verifications after a right attempt). `mean`: reward minus
+    the mean over those steps, itself included; `loo`: minus the mean over the others. A step
+    whose prefix no other step of the group shares gets baseline 0 (S²R's fallback when too
+    few actions share a prefix); a step without a reward (a cue) gets advantage 0.
+    """
+    if baseline not in BASELINES:
+        raise UserError(f"unknown baseline '{baseline}' (known: {', '.join(BASELINES)})")
+    if len(steps) % group_size:
+        raise ValueError(f"{len(steps)} rollouts are not groups of {group_size}")
+    keys: list[list[tuple | None]] = []
+    for rollout in steps:
+        earlier: list[float] = []
+        keys.append([])
+        for segment, reward in rollout:
+            keys[-1].append(None if reward is None else (segment, tuple(earlier)))
+            if reward is not None:
+                earlier.append(float(reward))
+    out: list[list[float]] = []
+    for start in range(0, len(steps), group_size):
+        shared: dict[tuple, list[float]] = {}
+        for r in range(start, start + group_size):
+            for key, (_, reward) in zip(keys[r], steps[r]):
+                if key is not None:
+                    shared.setdefault(key, []).append(float(reward))
+        for r in range(start, start + group_size):
+            out.append([])
+            for key, (_, reward) in zip(keys[r], steps[r]):
+                if key is None:
+                    out[-1].append(0.0)
+                    continue
+                same = shared[key]
+                if len(same) == 1:
+                    base = 0.0
+                elif baseline == "mean":
+                    base = sum(same) / len(same)
+                else:
+                    base = (sum(same) - float(reward)) / (len(same) - 1)
+                out[-1].append(float(reward) - base)
+    return out
+
+
+def token_weights(method: Method, segments, row_rollout, seg_advantages: dict, steps=None,
+                  step_adv=None):
     """Per-token (advantage, KL weight, loss mask) for rows whose tokens carry segment ids.
 
     `segments` [B, T] are the segment ids of the *scored* tokens (targets), `row_rollout` [B]
-    the rollout each row belongs to (a two-attempt rollout may span two rows).
+    the rollout each row belongs to (a two-attempt rollout may span two rows). For a method
+    with `step` rewards, `steps` [B, T] holds the index of the step each scored token is in
+    (-1 = none) and `step_adv` [rollouts, steps] the advantages of `step_advantages`.
     """
     import torch
 
     advantages = torch.zeros(segments.shape)
     kl_weights = torch.zeros(segments.shape)
     mask = torch.zeros(segments.shape)
+    per_step = None
+    if method.uses_steps:
+        if steps is None or step_adv is None:
+            raise ValueError(f"method '{method.name}' needs the rollouts' steps")
+        rows = row_rollout.unsqueeze(1).expand_as(steps)
+        per_step = step_adv[rows, steps.clamp(min=0)] * (steps >= 0)
     for seg, rule in method.rules.items():
         hit = (segments == segment_id(seg)).float()
         advantages += hit * seg_advantages[seg][row_rollout].unsqueeze(1)
+        if rule.reward.get("step"):
+            advantages += hit * rule.reward["step"] * per_step
         kl_weights += hit * rule.kl
         mask += hit
     return advantages, kl_weights, mask

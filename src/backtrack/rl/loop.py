@@ -66,10 +66,13 @@ def setup(config: RLConfig, parent_path: str) -> Context:
     methods = make_methods(config.kl, config.kl_stage1_attempt1, config.kl_stage1_attempt2,
                            config.alpha)
     task = get_task(config.task, config.task_args)
-    if config.reward_on == "final_attempt":
-        from backtrack.rl.stage import FinalAttemptTask
+    reader = None
+    if config.reward_on == "final_attempt" or config.method == "process":
+        from backtrack.rl.stage import FinalAttemptTask, trace_reader
 
-        task = FinalAttemptTask(task)
+        reader = trace_reader(config, task)
+        if config.reward_on == "final_attempt":
+            task = FinalAttemptTask(task, reader.final_text)
     problems = task.problems("train")
     if not problems:
         raise UserError(f"task '{config.task}': the train split has no problems")
@@ -92,7 +95,8 @@ def setup(config: RLConfig, parent_path: str) -> Context:
     end_id = end_ids[-1] if end_ids and end_ids[-1] in engine.eos_ids else engine.eos_ids[0]
     settings = RolloutSettings(config.group_size, config.temperature, config.top_p,
                                config.max_new_tokens, config.second_attempt,
-                               second_attempt_text(config))
+                               second_attempt_text(config),
+                               reader.split_steps if config.method == "process" else None)
     folder = RunLayout.of(config).checkpoints(config.arm)
     return Context(config, parent_path, accelerator, policy, reference, optimizer, tokenizer,
                    engine, task, problems, methods, settings, end_id, folder)
@@ -101,6 +105,14 @@ def setup(config: RLConfig, parent_path: str) -> Context:
 def _chunks(count: int, size: int) -> list[range]:
     size = size or count
     return [range(i, min(i + size, count)) for i in range(0, count, size)]
+
+
+def _step_table(advantages: list[list[float]]):
+    """Per-rollout step advantages as a [rollouts, steps] tensor padded with 0."""
+    import torch
+
+    width = max((len(row) for row in advantages), default=0) or 1
+    return torch.tensor([row + [0.0] * (width - len(row)) for row in advantages])
 
 
 def update(ctx: Context, method, rollouts) -> dict:
@@ -116,13 +128,16 @@ def update(ctx: Context, method, rollouts) -> dict:
     seg_adv = alg.segment_advantages(method, rollouts.rewards, c.group_size, c.baseline,
                                      c.scale_std)
     trained = {alg.segment_id(s) for s in method.rules}
+    step_adv = _step_table(alg.step_advantages(rollouts.steps, c.group_size, c.baseline)) \
+        if method.uses_steps else None
     batches, weights = [], []
     for chunk in _chunks(len(rows), c.micro_batch_rows):
         part = [rows[i] for i in chunk]
         batch = shared_batch(part, [r.rollout // c.group_size for r in part], trained,
                              ctx.engine.pad_id, c.share_prompt_forward)
         weights.append(tuple(t.to(acc.device) for t in alg.token_weights(
-            method, batch.targets, torch.tensor([r.rollout for r in part]), seg_adv)))
+            method, batch.targets, torch.tensor([r.rollout for r in part]), seg_adv,
+            batch.steps, step_adv)))
         batches.append(to_device(batch, acc.device))
     local_tokens = sum(mask.sum() for _, _, mask in weights)
     num_items = acc.reduce(local_tokens.clone(), "sum") / acc.num_processes

@@ -6,6 +6,10 @@ and sampled: row 1 = attempt-1 prompt + attempt 1; row 2 = attempt-2 prompt (as 
 encoded it) + attempt 2. Attempt 2's prompt re-renders attempt 1 as text (a user turn after
 it, or its cut prefix + the retry phrase), whose tokens may differ from the sampled ones, so
 attempt 1 is trained in its own row and row 2's copy of it is context (segment `carried`).
+
+With process rewards (S²R), a one-attempt rollout is split into steps by the method's trace
+reader (`RolloutSettings.split_steps`): each token gets the segment and the index of the step
+it is in, and `Rollouts.steps` holds each step's segment and reward.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import dataclasses
 import time
 from bisect import bisect_right
 from dataclasses import dataclass, field
+from typing import Callable
 
-from backtrack.rl.algorithm import segment_id
+from backtrack.rl.algorithm import PAD_SEGMENT, segment_id
 
 
 @dataclass
@@ -23,6 +28,7 @@ class Row:
     ids: list[int]
     segments: list[int]
     rollout: int  # index of the rollout (problem-major, G per problem) the row belongs to
+    steps: list[int] | None = None  # per token: index of its step in the rollout (-1 = none)
 
 
 @dataclass
@@ -31,6 +37,7 @@ class Rollouts:
 
     rows: list[Row] = field(default_factory=list)
     rewards: dict[str, list[float]] = field(default_factory=dict)
+    steps: list[list[tuple[str, float | None]]] = field(default_factory=list)  # per rollout
     new_tokens: int = 0
     generation_seconds: float = 0.0
 
@@ -43,6 +50,9 @@ class RolloutSettings:
     max_new_tokens: int
     form: str  # second attempt: "phrase" | "instruction"
     text: str  # the phrase or instruction
+    # process rewards: (text, gold) -> [(end character, segment, reward or None), ...] tiling
+    # the text (a method's trace reader, e.g. S²R's); None = no steps
+    split_steps: Callable | None = None
 
 
 def _generate(engine, prompts, params, out: Rollouts):
@@ -109,6 +119,12 @@ def collect(engine, task, tokenizer, problems, attempts: int, settings: RolloutS
             out.rows.append(Row(ids + new, segs + [a1] * len(new), len(flat)))
             flat.append((problem, prompt, completion))
     out.rewards["r1"] = [task.reward(c.text, p.answer) for p, _, c in flat]
+    if settings.split_steps is not None and attempts == 1:
+        for row, (problem, _, completion) in zip(out.rows, flat):
+            spans = settings.split_steps(completion.text, problem.answer)
+            first = len(row.ids) - len(attempt_ids(completion, end_id))
+            label_steps(tokenizer, row, first, completion.token_ids, spans)
+            out.steps.append([(segment, reward) for _, segment, reward in spans])
     if attempts == 2:
         _second_attempts(engine, task, tokenizer, flat, settings,
                          dataclasses.replace(params, n=1, seed=derive_seed(seed, "attempt2")),
@@ -132,3 +148,53 @@ def _second_attempts(engine, task, tokenizer, flat, settings, params, end_id, ou
         out.rows.append(Row(ids + new, segs + [a2] * len(new), k))
         # in the phrase form the answer is the whole turn: cut attempt 1 + phrase + attempt 2
         out.rewards["r2"].append(task.reward(carried + c2.text, p.answer))
+
+
+def token_ends(tokenizer, ids: list[int]) -> Callable[[int], int]:
+    """end(i): characters in the decoded text of ids[:i + 1] (decoded as the engine does)."""
+    def end(i: int) -> int:
+        return len(tokenizer.decode(ids[:i + 1], skip_special_tokens=False,
+                                    clean_up_tokenization_spaces=False))
+    return end
+
+
+def label_steps(tokenizer, row: Row, first: int, sampled: list[int], spans: list[tuple]) -> None:
+    """Give the row's generated tokens (from index `first`; `sampled` = the engine's ids) the
+    segment and index of the step (`spans` = [(end character, segment, reward), ...]) that
+    holds the character before each token's end; tokens past the text (the end-of-turn) go to
+    the last step. A binary search per step boundary decodes O(steps x log tokens) prefixes,
+    not one per token."""
+    end = token_ends(tokenizer, sampled)
+    steps = [-1] * first + [0] * (len(row.ids) - first)
+    index = 0
+    for step, (char_end, segment, _) in enumerate(spans):
+        if step == len(spans) - 1:
+            stop = len(row.ids) - first
+        else:
+            lo, hi = index, len(sampled)  # the first token that ends past char_end
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (mid + 1, hi) if end(mid) <= char_end else (lo, mid)
+            stop = lo
+        row.segments[first + index:first + stop] = [segment_id(segment)] * (stop - index)
+        steps[first + index:first + stop] = [step] * (stop - index)
+        index = stop
+    row.steps = steps
+
+
+def collate(rows: list[Row], pad_id: int):
+    """Right-padded (input_ids, attention_mask, segments, row_rollout, steps) tensors."""
+    import torch
+
+    width = max(len(r.ids) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    segments = torch.full((len(rows), width), PAD_SEGMENT, dtype=torch.long)
+    steps = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, :len(row.ids)] = torch.tensor(row.ids)
+        mask[i, :len(row.ids)] = 1
+        segments[i, :len(row.ids)] = torch.tensor(row.segments)
+        if row.steps is not None:
+            steps[i, :len(row.ids)] = torch.tensor(row.steps)
+    return input_ids, mask, segments, torch.tensor([r.rollout for r in rows]), steps

@@ -37,6 +37,7 @@ class SharedBatch:
     suffix_mask: object  # [B, Ws]
     positions: object  # [B, Ws] position ids of the suffix tokens
     targets: object  # [B, Ws - 1] segment id of each scored target (PAD_SEGMENT: none)
+    steps: object  # [B, Ws - 1] step index of each scored target (process rewards; -1: none)
 
 
 def _common_length(rows: list[list[int]]) -> int:
@@ -77,14 +78,17 @@ def shared_batch(rows, groups: list, trained: set[int], pad_id: int, share: bool
     suffix_ids = torch.full((len(rows), span), pad_id, dtype=torch.long)
     suffix_mask = torch.zeros((len(rows), span), dtype=torch.long)
     targets = torch.full((len(rows), span), PAD_SEGMENT, dtype=torch.long)
+    steps = torch.full((len(rows), span), -1, dtype=torch.long)
     for i, (row, start) in enumerate(zip(rows, starts)):
         size = len(row.ids) - start
         suffix_ids[i, :size] = torch.tensor(row.ids[start:], dtype=torch.long)
         suffix_mask[i, :size] = 1
         targets[i, :size] = torch.tensor(row.segments[start:], dtype=torch.long)
+        if row.steps is not None:
+            steps[i, :size] = torch.tensor(row.steps[start:], dtype=torch.long)
     positions = torch.tensor(starts).unsqueeze(1) + torch.arange(span).unsqueeze(0)
     return SharedBatch(prefix_ids, prefix_mask, torch.tensor(owner), suffix_ids, suffix_mask,
-                       positions, targets[:, 1:])
+                       positions, targets[:, 1:], steps[:, 1:])
 
 
 def length_buckets(lengths: list[int], most: int = MAX_BUCKETS) -> list[list[int]]:

@@ -18,6 +18,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from backtrack.config import CommonConfig, option
 from backtrack.errors import UserError
@@ -25,7 +26,7 @@ from backtrack.layout import trained_model_done, trained_model_outputs
 from backtrack.rl.algorithm import BASELINES, LOSS_TYPES
 from backtrack.trackers import TRACKERS
 
-RL_METHODS = ("outcome", "score_stage1", "score")
+RL_METHODS = ("outcome", "score_stage1", "score", "process")
 
 
 @dataclass
@@ -37,8 +38,9 @@ class RLConfig(CommonConfig):
                          "recipe's model) or an arm trained earlier (<output_dir>/models/<parent>/).")
     method: str = option("outcome", "outcome: one attempt, reward = correct answer (GRPO/RLOO). "
                          "score: SCoRe Stage I for `stage1_steps`, then Stage II. score_stage1: "
-                         "Stage I only (ablation). In `backtrack run` each RL arm sets its own.",
-                         choices=RL_METHODS)
+                         "Stage I only (ablation). process: one trace split into steps by "
+                         "`trace_format`, each step rewarded on its own (S²R's process-level RL). "
+                         "In `backtrack run` each RL arm sets its own.", choices=RL_METHODS)
     stage1_steps: int = option(10, "Steps of SCoRe Stage I before Stage II (method score).")
     group_size: int = option(8, "Rollouts per problem (G); advantages compare within a group.")
     problems_per_step: int = option(16, "Train problems per optimizer step (all processes).")
@@ -66,6 +68,10 @@ class RLConfig(CommonConfig):
                             "(`answer`), or the last attempt of a self-verifying trace "
                             "(`final_attempt`, S²R: a verification may follow the answer).",
                             choices=("answer", "final_attempt"))
+    trace_format: str = option("s2r", "How `reward_on: final_attempt` and method `process` read "
+                               "a rollout: a format registered by a method module (`s2r`: "
+                               "attempts, verifications and cues of a self-verifying trace, "
+                               "with the cues the parent model was trained on).")
     second_attempt: str = option("phrase", "How attempt 2 is asked for: phrase (cut attempt 1 "
                                  "before </think>, append the phrase, same turn) or instruction "
                                  "(a user turn with the instruction).", choices=("phrase",
@@ -105,6 +111,9 @@ class RLConfig(CommonConfig):
             raise UserError(f"option 'stage1_steps': must be in [1, steps - 1] for method score "
                             f"(got {self.stage1_steps} with steps {self.steps}; use method "
                             "score_stage1 for Stage I alone)")
+        if self.method == "process" and self.scale_std:
+            raise UserError("option 'scale_std': method process does not scale its step "
+                            "advantages (S²R); set it to false")
         if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", self.arm):
             raise UserError(f"option 'arm': {self.arm!r} is not a valid folder name")
         if self.parent == self.arm:
@@ -126,19 +135,44 @@ outputs = trained_model_outputs  # the pipeline reads a stage's outputs and done
 done = trained_model_done
 
 
-class FinalAttemptTask:
-    """A task whose reward reads the last attempt of a self-verifying (S²R) trace."""
+@dataclass(frozen=True)
+class TraceReader:
+    """How RL reads the traces of a method that writes structured ones (S²R's)."""
 
-    def __init__(self, task):
-        self.task = task
+    final_text: Callable[[str], str]  # the part of a rollout its outcome reward checks
+    # (text, gold) -> [(end character, segment, reward or None), ...] tiling the text
+    split_steps: Callable[[str, str], list]
+
+
+TRACE_FORMATS: dict[str, Callable] = {}  # name -> make(config, task) -> TraceReader
+
+
+def register_trace_format(name: str, make: Callable) -> None:
+    """Called by a method module (e.g. `methods/s2r.py`), so the stage has no method branches."""
+    TRACE_FORMATS[name] = make
+
+
+def trace_reader(config: RLConfig, task) -> TraceReader:
+    from backtrack.arms import load_methods
+
+    load_methods()
+    if config.trace_format not in TRACE_FORMATS:
+        raise UserError(f"option 'trace_format': unknown format {config.trace_format!r} "
+                        f"(known: {', '.join(TRACE_FORMATS)})")
+    return TRACE_FORMATS[config.trace_format](config, task)
+
+
+class FinalAttemptTask:
+    """A task whose reward reads the last attempt of a structured trace (`final_text`)."""
+
+    def __init__(self, task, final_text: Callable[[str], str]):
+        self.task, self.final_text = task, final_text
 
     def __getattr__(self, name):
         return getattr(self.task, name)
 
     def reward(self, completion: str, gold: str) -> float:
-        from backtrack.methods.s2r_metrics import final_attempt_text
-
-        return self.task.reward(final_attempt_text(completion), gold)
+        return self.task.reward(self.final_text(completion), gold)
 
 
 def second_attempt_text(config: RLConfig) -> str:

@@ -1,0 +1,102 @@
+"""The hf engine's speed options: off reproduces the engine's earlier tokens exactly, on gives the
+same tokens on a tiny model, the model keeps its own attention, bad values are UserErrors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from backtrack.engines import GenerationParams, make_engine
+from backtrack.errors import UserError
+
+GOLDEN = json.loads((Path(__file__).parent / "golden" / "hf_engine_tokens.json").read_text())
+QUESTIONS = ["Tom has 3 apples.", "Ann has 12 coins. Ann gets 4 more. How many coins now?",
+             "Ben has 5 pens.", "Mia has 7 cards. Mia gets 2 more."]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model_dir):
+    import torch
+
+    threads = torch.get_num_threads()
+    yield lambda **options: make_engine("hf", str(tiny_model_dir), batch_size=16, num_threads=1,
+                                        **options)
+    torch.set_num_threads(threads)
+
+
+def token_ids(engine, name: str) -> list:
+    from backtrack.chat import render_prompt
+
+    prompts = [render_prompt(engine.tokenizer, [{"role": "user", "content": q}])
+               for q in QUESTIONS]
+    params = GenerationParams(**GOLDEN["params"][name])
+    return [[c.token_ids for c in row] for row in engine.generate(prompts, params)]
+
+
+@pytest.mark.parametrize("name", ["shared_prefill", "single", "greedy"])
+def test_options_off_reproduce_the_earlier_tokens(engines, name):
+    engine = engines(attn_implementation=None, attend_filled=False, compile=False)
+    assert engine._compile_kwargs() == {}
+    assert token_ids(engine, name) == GOLDEN["token_ids"][name]
+
+
+@pytest.mark.parametrize("options", [{"attend_filled": True}, {"attn_implementation": "eager"},
+                                     {"attn_implementation": "eager", "attend_filled": True}])
+def test_options_on_give_the_same_tokens_and_leave_the_model_as_it_was(engines, options):
+    engine = engines(**options)
+    own = engine.model.config._attn_implementation
+    for name in ("shared_prefill", "single"):  # shared prefill, and transformers' static cache
+        assert token_ids(engine, name) == GOLDEN["token_ids"][name]
+    assert engine.model.config._attn_implementation == own  # a trainer sharing it is unaffected
+
+
+def test_filled_attention_reads_only_the_filled_slots_with_equal_logits(engines):
+    """One decode step on a static cache of 64 slots with 9 filled (row 2 left-padded): the
+    filled mask has 10 columns and the logits equal those of attention over all 64."""
+    import torch
+    from transformers import StaticCache
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    from backtrack.engines.hf_attention import filled_attention
+
+    engine = engines()
+    model, name = engine.model, filled_attention("sdpa")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [0, 0, 0, 8, 9, 10, 11, 12, 13, 9]])
+    mask = ids != 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = {}
+    for implementation in ("sdpa", name):
+        model.set_attn_implementation(implementation)
+        cache = StaticCache(config=model.config, max_cache_len=64)
+        with torch.inference_mode():
+            model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
+                  position_ids=positions[:, :-1], past_key_values=cache)
+            logits[implementation] = model(input_ids=ids[:, -1:], attention_mask=mask,
+                                           position_ids=positions[:, -1:],
+                                           past_key_values=cache).logits
+    model.set_attn_implementation("sdpa")
+    built = ALL_MASK_ATTENTION_FUNCTIONS[name](batch_size=2, q_length=1, kv_length=64, q_offset=9,
+                                               attention_mask=mask, allow_is_causal_skip=False)
+    assert built.shape == (2, 1, 1, 10) and built[:, 0, 0].tolist() == mask.tolist()
+    torch.testing.assert_close(logits[name], logits["sdpa"], rtol=1e-5, atol=1e-5)
+
+
+def test_compile_and_filled_attention_build_the_generate_options(engines):
+    compiled = engines(compile=True)._compile_kwargs()["compile_config"]
+    assert compiled.mode == "default" and compiled._compile_all_devices
+    # Without compile, the filled attention keeps CUDA's automatic compile off (shapes change).
+    assert engines(attend_filled=True)._compile_kwargs() == {"disable_compile": True}
+    assert "compile_config" in engines(attend_filled=True, compile=True)._compile_kwargs()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"attn_implementation": "flash"}, "option 'attn_implementation' must be one of eager, sdpa"),
+    ({"attend_filled": "yes"}, "option 'attend_filled' must be true or false"),
+    ({"attend_filled": True, "cache": "dynamic"}, "'attend_filled' needs cache: static"),
+    ({"compile": 1}, "option 'compile' must be true or false"),
+])
+def test_bad_option_values_are_user_errors(engines, options, message):
+    with pytest.raises(UserError, match=message):
+        engines(**options)
