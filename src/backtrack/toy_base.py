@@ -47,7 +47,7 @@ class ToyBaseConfig(CommonConfig):
     heads: int = option(4, "Attention heads (key/value heads too).")
     intermediate: int = option(432, "MLP inner size.")
     vocab_size: int = option(512, "Tokenizer vocabulary size (digits are single tokens).")
-    steps: int = option(750, "Optimizer steps (the training length; ~8 min on 2 idle cores).")
+    steps: int = option(750, "Optimizer steps (the training length; ~16 min on 2 AMD EPYC cores).")
     max_minutes: float = option(0.0, "Optional cap on training minutes (0 = none); a capped "
                                      "model is weaker than its config says (run.json tells).",
                                 hashed=False)
