@@ -115,6 +115,23 @@ def test_plan_follows_the_recipes_arms_and_their_parents(tmp_path):
         pipeline.resolve_run(str(recipe_path), {})
 
 
+def test_build_options_of_other_arms_leave_the_build_hash_alone(tmp_path):
+    """S²R's data options (build.s2r) re-run the build of s2r_sft, not that of rft / rft_bt."""
+    recipe_path = tmp_path / "r.yaml"
+
+    def digests(arms, build):
+        recipe_path.write_text(yaml.safe_dump({**TINY, "arms": arms,
+                                                "build": {**TINY.get("build", {}), **build}}))
+        return pipeline.step_digests(pipeline.plan(*pipeline.resolve_run(str(recipe_path), {})))
+
+    s2r = {"s2r": {"max_trajectories": 10}}
+    plain, with_s2r = digests(["rft", "rft_bt"], {}), digests(["rft", "rft_bt"], s2r)
+    assert plain["build"] == with_s2r["build"] and plain["eval_rft"] == with_s2r["eval_rft"]
+    assert digests(["rft", "s2r_sft"], {})["build"] != digests(["rft", "s2r_sft"], s2r)["build"]
+    # an option every arm reads still counts
+    assert plain["build"] != digests(["rft", "rft_bt"], {"loss_on": "masked_wrong"})["build"]
+
+
 def test_step_hash_follows_config_and_upstream():
     a = pipeline.RunConfig(seed=1)
     assert pipeline.config_hash(a, ["x"]) == pipeline.config_hash(pipeline.RunConfig(seed=1), ["x"])

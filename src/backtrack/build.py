@@ -47,11 +47,13 @@ class BuildConfig(CommonConfig):
         "continuation and the end-of-turn token carry loss (Physics of LMs 2.2 ablation).",
         choices=("all", "masked_wrong"))
     s2r: dict = option({}, "S²R data options for the s2r arms (`methods/s2r_data.py` "
-                       "S2RDataConfig), e.g. {right_first_share: 0.5, max_wrong_attempts: 3}.")
+                       "S2RDataConfig), e.g. {right_first_share: 0.5, max_wrong_attempts: 3}.",
+                       arms=("s2r_sft",))
     confirm_share: float = option(
         0.5, "rft_bt_confirm: share of confirm traces (a right first attempt, the phrase, the "
         "same answer confirmed) among its examples that carry the phrase; 0.5 = as many as "
-        "wrong-then-right traces (fewer when the backtrack stage kept fewer).")
+        "wrong-then-right traces (fewer when the backtrack stage kept fewer).",
+        arms=("rft_bt_confirm",))
 
     def validate(self) -> None:
         if self.max_per_problem < 0:

@@ -23,7 +23,7 @@ from backtrack.errors import UserError
 
 
 def option(default: Any, help: str, choices: tuple | None = None, hashed: bool = True,
-           in_store: bool = True, protocol: str | None = None) -> Any:
+           in_store: bool = True, protocol: str | None = None, arms: tuple = ()) -> Any:
     """A dataclass field whose `help` is its documentation and its `--help` text.
 
     What a field does to a stage's output is declared here, and every step hash, store
@@ -32,10 +32,12 @@ def option(default: Any, help: str, choices: tuple | None = None, hashed: bool =
       progress bars, output_dir), so changing it never re-runs a step;
     - `in_store=False`: it changes how many records a stage writes (k, limit, shard, engine),
       not what a record holds, so a record store keeps its records when it changes;
-    - `protocol`: it matters only to evaluations under that protocol (e.g. the forcing phrase).
+    - `protocol`: it matters only to evaluations under that protocol (e.g. the forcing phrase);
+    - `arms`: only these arms' data or training read it (e.g. S²R's data options), so a step
+      that makes none of them leaves it out of its hash (`unread_fields`).
     """
     meta = {"help": help, "choices": choices, "hashed": hashed, "in_store": in_store,
-            "protocol": protocol}
+            "protocol": protocol, "arms": tuple(arms)}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -45,6 +47,13 @@ def hashed_values(config: Any) -> dict:
     """The fields of a config that change what its stage produces (see `option`)."""
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
             if f.metadata.get("hashed", True)}
+
+
+def unread_fields(config: Any, arms: list[str]) -> tuple[str, ...]:
+    """Fields declared for other arms only (`option(arms=...)`): a step making `arms` does not
+    read them, so changing them must not re-run it."""
+    return tuple(f.name for f in dataclasses.fields(config)
+                 if f.metadata.get("arms") and not set(f.metadata["arms"]) & set(arms))
 
 
 def store_values(config: Any, protocol: str | None = None) -> dict:

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from backtrack.config import CommonConfig, hashed_values, option, read_recipe, resolve
+from backtrack.config import (CommonConfig, hashed_values, option, read_recipe, resolve,
+                              unread_fields)
 from backtrack.errors import UserError
 from backtrack.fileio import read_json, write_json
 from backtrack.layout import RunLayout
@@ -192,6 +193,7 @@ def _data_steps(arms: list, step: Callable, base: list[str]) -> list[Step]:
     if data_arms:
         upstream = [s.name for s in steps][-1:]
         steps.append(step("build", "build", upstream, arms=data_arms))
+        steps[-1].unhashed = unread_fields(steps[-1].config, data_arms)
     return steps
 
 
