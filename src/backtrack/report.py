@@ -188,7 +188,8 @@ def headline_verdicts(comparisons: list[dict]) -> list[str]:
     return [verdict(comparisons, arm, ref) for arm, ref in firsts.items()]
 
 
-def _cell(m: dict | None, percent: bool) -> str:
+def ci_cell(m: dict | None, percent: bool = True) -> str:
+    """`value [low, high]` of a metric with its CI (percent: x100, one decimal); – when absent."""
     if not m or m["value"] is None or (isinstance(m["value"], float) and math.isnan(m["value"])):
         return "–"
     scale, fmt = (100, "{:.1f}") if percent else (1, "{:.2f}")
@@ -200,7 +201,7 @@ def _table(arms: dict[str, dict], columns: list[tuple[str, str, bool]]) -> list[
     lines = ["| arm | " + " | ".join(label for _, label, _ in columns) + " |",
              "|---|" + "---|" * len(columns)]
     for arm, data in arms.items():
-        cells = [_cell(data["metrics"].get(key), pct) for key, _, pct in columns]
+        cells = [ci_cell(data["metrics"].get(key), pct) for key, _, pct in columns]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return lines
 

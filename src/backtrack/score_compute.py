@@ -114,12 +114,10 @@ def figures(eval_folder, names: list[str], n_boot: int = 1000, seed: int = 0) ->
     return out
 
 
-def _cell(m: dict) -> str:
-    return f"{100 * m['value']:.1f} [{100 * m['low']:.1f}, {100 * m['high']:.1f}]"
-
-
 def markdown(found: dict | None) -> list[str]:
     """The report section: one row per (arm, K)."""
+    from backtrack.report import ci_cell as _cell  # report imports this module
+
     if not found:
         return []
     lines = ["## Self-correction against parallel sampling at equal samples (SCoRe)", "",
