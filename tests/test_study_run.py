@@ -160,8 +160,14 @@ def test_the_toy_study_lists_its_runs(cli_env):
                              "--dry-run"], capture_output=True, text=True, env=cli_env,
                             timeout=120, cwd=study.Path(__file__).parents[1])
     assert result.returncode == 0, result.stderr
-    assert "3 runs (1 variant(s) x 3 seed(s))" in result.stdout
-    for seed in (0, 1, 2):
-        assert f"runs/study-toy/default/seed{seed}" in result.stdout
-    for arm in ("base", "rft", "rft_bt", "budget_forcing"):
+    assert "6 runs (2 variant(s) x 3 seed(s))" in result.stdout
+    for variant in ("default", "masked"):
+        for seed in (0, 1, 2):
+            assert f"runs/study-toy/{variant}/seed{seed}" in result.stdout
+    for arm in ("rft", "budget_forcing"):
         assert re.search(rf"^  eval_{arm} +3 computation", result.stdout, re.M), arm
+    # masked changes only rft_bt's data: each seed's base evaluation is shared by both variants
+    assert re.search(r"^  eval_rft_bt +6 computation", result.stdout, re.M)
+    for seed in (0, 1, 2):
+        assert re.search(rf"eval_base +shared/.*<- default/seed{seed}, masked/seed{seed}$",
+                         result.stdout, re.M), seed
