@@ -67,6 +67,20 @@ def test_seed_scope_decides_which_stages_the_seed_varies(tmp_path, scope, base_s
     assert [resolve(TrainConfig, r.recipe, "train").seed for r in runs] == train_seeds
 
 
+def test_a_variant_may_set_its_own_seed_scope(tmp_path):
+    runs = runs_of(tmp_path, """\
+        seeds: [0, 3]
+        seed_scope: finetune
+        variants:
+          default: {}
+          bases: {seed_scope: all, train: {epochs: 1}}
+        """)
+    bases = {r.name: resolve(ToyBaseConfig, r.recipe, "toy_base").seed for r in runs}
+    assert bases == {"default/seed0": 5, "default/seed3": 5, "bases/seed0": 0, "bases/seed3": 3}
+    assert "seed_scope" not in runs[2].recipe  # the study's key, not the recipe's
+    assert resolve(TrainConfig, runs[3].recipe, "train").epochs == 1
+
+
 def test_finetune_scope_keeps_a_toy_base_seed_set_in_its_section(tmp_path):
     recipe = RECIPE.replace("toy_base: {steps: 20}", "toy_base: {steps: 20, seed: 9}")
     runs = runs_of(tmp_path, "seeds: [1, 2]\nseed_scope: finetune\n", recipe)
@@ -119,6 +133,8 @@ def test_the_toy_recipe_validates_as_a_study_base(tmp_path):
     ("seeds: [0]\nvariants:\n  a: {output_dir: x}\n", "key 'output_dir' is set by the study"),
     ("seeds: [0]\nvariants:\n  ../up: {}\n", "a variant name is a folder name"),
     ("seeds: [0]\nseed_scope: model\n", "'model' is not one of"),
+    ("seeds: [0]\nvariants:\n  a: {seed_scope: model}\n",
+     "variant 'a': key 'seed_scope': 'model' is not one of"),
     ("seeds: [0]\nvariantz: {}\n", "unknown key 'variantz'"),
     ("seeds: [0]\nvariants: {}\n", "key 'variants' is empty"),
 ])

@@ -160,14 +160,22 @@ def test_the_toy_study_lists_its_runs(cli_env):
                              "--dry-run"], capture_output=True, text=True, env=cli_env,
                             timeout=120, cwd=study.Path(__file__).parents[1])
     assert result.returncode == 0, result.stderr
-    assert "6 runs (2 variant(s) x 3 seed(s))" in result.stdout
-    for variant in ("default", "masked"):
+    assert "9 runs (3 variant(s) x 3 seed(s))" in result.stdout
+    assert "variant bases: seed_scope all" in result.stdout
+    for variant in ("default", "masked", "bases"):
         for seed in (0, 1, 2):
             assert f"runs/study-toy/{variant}/seed{seed}" in result.stdout
-    for arm in ("rft", "budget_forcing"):
-        assert re.search(rf"^  eval_{arm} +3 computation", result.stdout, re.M), arm
+    assert re.search(r"^  eval_budget_forcing +3 computation", result.stdout, re.M)
+    for step in ("build", "train_rft_fix", "eval_rft"):  # bases/seed0 is default/seed0
+        assert re.search(rf"^  {step} +shared/.*<- default/seed0, bases/seed0$", result.stdout,
+                         re.M), step
     # masked changes only rft_bt's data: each seed's base evaluation is shared by both variants
-    assert re.search(r"^  eval_rft_bt +6 computation", result.stdout, re.M)
-    for seed in (0, 1, 2):
+    assert re.search(r"^  eval_rft_bt +7 more, each read by one run", result.stdout, re.M)
+    # bases/seed0 is default/seed0 (base seed 0 either way); seeds 1 and 2 train their own base
+    assert re.search(r"eval_base +shared/.*<- default/seed0, masked/seed0, bases/seed0$",
+                     result.stdout, re.M)
+    for seed in (1, 2):
         assert re.search(rf"eval_base +shared/.*<- default/seed{seed}, masked/seed{seed}$",
                          result.stdout, re.M), seed
+        assert re.search(rf"^  toy_base +cache toy/\w+  <- bases/seed{seed}$", result.stdout,
+                         re.M), seed

@@ -12,6 +12,7 @@ shape, e.g.
       default: {}
       lr3e-4: {train: {learning_rate: 3.0e-4}}
       bt-only: {arms: [base, rft_bt]}
+      bases: {seed_scope: all}  # this variant's seeds also train their own toy base
 
 `study_runs` turns it into runs, each with its own `<output_dir>/<variant>/seed<k>/` and fully
 merged recipe mapping; every step `backtrack run` would plan for each run is resolved here,
@@ -39,6 +40,8 @@ SEED_SCOPES = ("all", "finetune", "base")
 STUDY_KEYS = ("output_dir", "seed")
 # Folders of the study beside its variants' (a variant of either name would collide).
 RESERVED_NAMES = ("shared", "report")
+# A variant key that is the study's, not the recipe's: its own seed scope.
+VARIANT_KEYS = ("seed_scope",)
 # Sections whose `arms` the pipeline sets per step: a variant picks evaluations with `arms`.
 PLANNED_ARMS = ("build", "eval", "report")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -56,7 +59,9 @@ class StudyConfig:
                             "key, any other value is replaced.")
     seed_scope: str = option("all", "Which stages the study seed varies: `all`; `finetune` "
                              "(every stage but the toy base, which keeps the recipe's seed, so "
-                             "all seeds share one base model); `base` (only the toy base).",
+                             "all seeds share one base model); `base` (only the toy base). A "
+                             "variant may set its own `seed_scope`, so one study can hold both "
+                             "sources of variance and share the steps they have in common.",
                              choices=SEED_SCOPES)
     output_dir: str = option("runs/study", "Folder of the study; run <variant>/seed<k>/ and "
                              "report/ go under it.")
@@ -169,7 +174,11 @@ def _check(config: StudyConfig, path: Path) -> None:
         for key in STUDY_KEYS:
             if key in (overrides or {}):
                 raise UserError(f"{where}: key '{key}' is set by the study, not by a variant")
-        check_recipe(overrides or {}, where)
+        scope = (overrides or {}).get("seed_scope", config.seed_scope)
+        if scope not in SEED_SCOPES:
+            raise UserError(f"{where}: key 'seed_scope': {scope!r} is not one of "
+                            f"{list(SEED_SCOPES)}")
+        check_recipe(recipe_overrides(overrides), where)
         for section in PLANNED_ARMS:
             if "arms" in ((overrides or {}).get(section) or {}):
                 raise UserError(f"{where}: key '{section}.arms' is set per step by `backtrack "
@@ -180,6 +189,16 @@ def recipe_path(config: StudyConfig) -> Path:
     """The base recipe: relative paths are taken from the study file's folder."""
     path = Path(config.recipe)
     return path if path.is_absolute() else Path(config.source).parent / path
+
+
+def recipe_overrides(overrides: dict | None) -> dict:
+    """A variant's overrides without the study's own keys (`VARIANT_KEYS`)."""
+    return {k: v for k, v in (overrides or {}).items() if k not in VARIANT_KEYS}
+
+
+def variant_scope(config: StudyConfig, variant: str) -> str:
+    """The seed scope of one variant: its own `seed_scope`, else the study's."""
+    return (config.variants.get(variant) or {}).get("seed_scope", config.seed_scope)
 
 
 def merge(recipe: dict, overrides: dict) -> dict:
@@ -248,17 +267,19 @@ def study_runs(config: StudyConfig) -> list[Run]:
     base_path = recipe_path(config)
     base = read_recipe(base_path)
     validate_recipe(base, str(base_path))
-    if config.seed_scope == "base" and base.get("model", "toy") != "toy":
+    scopes = {variant_scope(config, v) for v in config.variants}
+    if "base" in scopes and base.get("model", "toy") != "toy":
         raise UserError(f"{config.source}: seed_scope 'base' varies only the toy base, but the "
                         f"recipe's model is '{base.get('model')}'")
     if config.arms:
         base = merge(base, {"arms": list(config.arms)})
     runs = []
     for variant, overrides in config.variants.items():
-        merged = merge(base, overrides or {})
+        merged = merge(base, recipe_overrides(overrides))
+        scope = variant_scope(config, variant)
         for seed in config.seeds:
             output_dir = str(Path(config.output_dir) / variant / f"seed{seed}")
-            recipe = {**apply_seed(merged, seed, config.seed_scope), "output_dir": output_dir}
+            recipe = {**apply_seed(merged, seed, scope), "output_dir": output_dir}
             validate_recipe(recipe, f"{config.source}: variant '{variant}'")
             runs.append(Run(variant, seed, output_dir, recipe, copy.deepcopy(overrides or {})))
     return runs

@@ -222,13 +222,19 @@ def _comparison_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _own_scopes(study: dict) -> str:
+    own = {name: o["seed_scope"] for name, o in study["variants"].items()
+           if isinstance(o, dict) and "seed_scope" in o}
+    return "".join(f"; variant `{n}` has seed scope `{s}`" for n, s in own.items())
+
+
 def render_markdown(results: dict, plots: list[str]) -> str:
     study, budgets = results["study"], results["budgets"]
     rows = results["comparisons"]
     lines = [
         f"# Study report: {study['source']}", "",
         f"Recipe `{study['recipe']}`, seeds {study['seeds']} (seed scope `{study['seed_scope']}`), "
-        f"variants {list(study['variants'])}.",
+        f"variants {list(study['variants'])}{_own_scopes(study)}.",
         "Intervals: 95 % hierarchical bootstrap, resampling seeds and then test problems (the "
         "same problems for every seed), so they hold training variance as well as test-set "
         "variance. With few seeds the seed level is coarse: read the per-seed values too.", "",

@@ -75,6 +75,9 @@ def print_plan(config: StudyConfig, runs: list[Run], mine: list[Run]) -> None:
     print(f"study {config.source}: {len(runs)} runs ({variants} variant(s) x "
           f"{len(config.seeds)} seed(s)), seed_scope {config.seed_scope}, share "
           f"{'on' if config.share else 'off'}; this process runs {len(mine)}")
+    for name, overrides in config.variants.items():
+        if "seed_scope" in (overrides or {}):
+            print(f"variant {name}: seed_scope {overrides['seed_scope']}")
     print("runs (variant, seed, folder):")
     for run in runs:
         flag = "" if run in mine else "  (another shard)"
