@@ -177,5 +177,6 @@ def test_the_toy_study_lists_its_runs(cli_env):
     for seed in (1, 2):
         assert re.search(rf"eval_base +shared/.*<- default/seed{seed}, masked/seed{seed}$",
                          result.stdout, re.M), seed
-        assert re.search(rf"^  toy_base +cache toy/\w+  <- bases/seed{seed}$", result.stdout,
-                         re.M), seed
+    assert re.search(r"^  toy_base +cache toy/\w+  <- default/seed0, .*, bases/seed0$",
+                     result.stdout, re.M)
+    assert re.search(r"^  toy_base +2 more, each read by one run$", result.stdout, re.M)
