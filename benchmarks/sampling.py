@@ -41,6 +41,8 @@ LEVERS = {
     "attend_filled": {"attend_filled": True},
     "eager+attend_filled": {"attn_implementation": "eager", "attend_filled": True},
     "attend_filled+compile": {"attend_filled": True, "compile": True},
+    "compact": {"cache": "dynamic", "decode": "compact"},
+    "compact+eager": {"cache": "dynamic", "decode": "compact", "attn_implementation": "eager"},
 }
 DEFAULT_LEVERS = [name for name in LEVERS if "compile" not in name]
 

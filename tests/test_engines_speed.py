@@ -96,7 +96,77 @@ def test_compile_and_filled_attention_build_the_generate_options(engines):
     ({"attend_filled": "yes"}, "option 'attend_filled' must be true or false"),
     ({"attend_filled": True, "cache": "dynamic"}, "'attend_filled' needs cache: static"),
     ({"compile": 1}, "option 'compile' must be true or false"),
+    ({"decode": "fast"}, "option 'decode' must be one of"),
 ])
 def test_bad_option_values_are_user_errors(engines, options, message):
     with pytest.raises(UserError, match=message):
         engines(**options)
+
+
+def test_compact_decode_greedy_gives_generates_tokens(engines):
+    """Finished rows leaving the batch and its cache change nothing a row sees: greedy tokens
+    equal generate's (golden), with one prefill shared by n copies and without."""
+    engine = engines(decode="compact")
+    assert token_ids(engine, "greedy") == GOLDEN["token_ids"]["greedy"]
+    engine.share_prefill = False
+    assert token_ids(engine, "greedy") == GOLDEN["token_ids"]["greedy"]
+
+
+def _varied(engine):
+    """The tiny random model's greedy output is one token repeated; larger weights make it
+    vary (same scaling for every engine, so they still share one model function)."""
+    import torch
+
+    with torch.no_grad():
+        for module in engine.model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.mul_(18)
+    return engine
+
+
+def _ending_at(engine, token: int):
+    """The engine with `token` as an extra end-of-turn id, so rows end at different steps."""
+    engine.eos_ids = [*engine.eos_ids, token]
+    engine._eos_set = set(engine.eos_ids)
+    return engine
+
+
+def test_compact_decode_drops_finished_rows_without_changing_the_others(engines):
+    """Rows ending at different steps leave the batch; greedy, every row still gets exactly
+    generate's tokens, and sampling repeats for a seed."""
+    from collections import Counter
+
+    from backtrack.chat import render_prompt
+
+    free = token_ids(_varied(engines()), "greedy")
+    token = Counter(t for row in free for ids in row for t in ids[1:]).most_common(1)[0][0]
+    compact, reference = (_ending_at(_varied(engines(**o)), token)
+                          for o in ({"decode": "compact"}, {}))
+    ended = token_ids(compact, "greedy")
+    assert ended == token_ids(reference, "greedy")
+    assert len({len(ids) for row in ended for ids in row}) > 2  # rows ended at different steps
+    prompts = [render_prompt(compact.tokenizer, [{"role": "user", "content": q}])
+               for q in QUESTIONS]
+    params = GenerationParams(n=4, temperature=1.0, max_new_tokens=12, seed=3)
+    flat = [c for row in compact.generate(prompts, params) for c in row]
+    assert [c.token_ids for c in flat] == [c.token_ids for row in compact.generate(prompts, params)
+                                           for c in row]
+    assert len({tuple(c.token_ids) for c in flat}) > 4  # the n copies sample apart
+    assert len({c.new_tokens for c in flat}) > 1
+    for c in flat:
+        assert token not in c.token_ids and compact.pad_id not in c.token_ids
+        assert c.finish_reason == ("length" if c.new_tokens == 12 == len(c.token_ids) else "stop")
+
+
+def test_top_p_keeps_the_smallest_set_above_p():
+    import torch
+
+    from backtrack.engines.hf_decode import sample_tokens
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]).repeat(2000, 1))
+    generator = torch.Generator().manual_seed(0)
+    drawn = sample_tokens(logits.clone(), 1.0, 0.7, generator, [])
+    assert set(drawn.tolist()) == {0, 1}  # 0.5 + 0.3 >= 0.7; 2 and 3 never drawn
+    assert 0.55 < (drawn == 0).float().mean() < 0.70  # 0.5 / 0.8 renormalised
+    assert set(sample_tokens(logits.clone(), 1.0, 1.0, generator, [0]).tolist()) == {1, 2, 3}
+    assert sample_tokens(logits[:1].clone(), 0, 1.0, generator, []).tolist() == [0]

@@ -9,6 +9,8 @@ Speed options, all off by default (off = the same tokens as before for a seed):
 `attn_implementation` picks transformers' attention for generation, `attend_filled` reads only
 the filled part of the static cache (see `hf_attention`), `compile` compiles the decode step
 off CUDA too (transformers already compiles it on CUDA when the cache is static).
+`decode: compact` replaces `generate` by a loop that drops finished rows from the batch and
+its cache (`hf_decode`): other tokens for a seed than `generate`'s, same distribution.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from backtrack.engines import Completion, Engine, GenerationParams, cut_at_stop,
 from backtrack.errors import UserError
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
+DECODERS = ("generate", "compact")
 
 
 def load_model_and_tokenizer(model_path: str, device: str, dtype: str | None):
@@ -49,7 +52,8 @@ class HFEngine(Engine):
     def __init__(self, model_path: str, device: str | None = None, dtype: str | None = None,
                  batch_size: int = 64, share_prefill: bool = True, num_threads: int | None = None,
                  cache: str = "static", attn_implementation: str | None = None,
-                 attend_filled: bool = False, compile: bool = False, model=None, tokenizer=None):
+                 attend_filled: bool = False, compile: bool = False, decode: str = "generate",
+                 model=None, tokenizer=None):
         import torch
         from transformers import GenerationConfig
 
@@ -78,6 +82,10 @@ class HFEngine(Engine):
         if not isinstance(compile, bool):
             raise UserError(f"engine 'hf': option 'compile' must be true or false, got {compile!r}")
         self.compile = compile
+        if decode not in DECODERS:
+            raise UserError(f"engine 'hf': option 'decode' must be one of {list(DECODERS)}, "
+                            f"got {decode!r}")
+        self.decode = decode
 
     def _resolve_attention(self, implementation: str | None, attend_filled: bool) -> str | None:
         """The attention implementation to generate with (None: the model's own, untouched)."""
@@ -137,6 +145,8 @@ class HFEngine(Engine):
             kwargs["suppress_tokens"] = [self.pad_id]
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        if self.decode == "compact" and not params.stop:
+            return self._compact_batch(input_ids, mask, params, seed)
         kwargs.update(self._compile_kwargs())
         torch.manual_seed(seed)
         with torch.inference_mode(), self._attention_scope():
@@ -151,6 +161,28 @@ class HFEngine(Engine):
             out = self.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
         generated = out[:, width:].tolist()
         return [self._to_completion(ids, params.stop) for ids in generated]
+
+    def _compact_batch(self, input_ids, mask, params: GenerationParams,
+                       seed: int) -> list[Completion]:
+        """`hf_decode.compact_decode` over the batch (its n copies per prompt sharing one
+        prefill when `share_prefill`)."""
+        import torch
+
+        from backtrack.engines.hf_decode import compact_decode
+
+        width, cache = input_ids.shape[1], None
+        suppress = [] if self.pad_id in self._eos_set else [self.pad_id]
+        with torch.inference_mode(), self._attention_scope():
+            if params.n > 1 and self.share_prefill and width > 1:
+                input_ids, mask, cache = self._shared_prefill(input_ids, mask, params.n, 0,
+                                                              dynamic=True)
+            elif params.n > 1:
+                input_ids = input_ids.repeat_interleave(params.n, dim=0)
+                mask = mask.repeat_interleave(params.n, dim=0)
+            generated = compact_decode(self.model, input_ids, mask, cache,
+                                       params.max_new_tokens, self.eos_ids, params.temperature,
+                                       params.top_p, suppress, seed)
+        return [self._to_completion(ids, []) for ids in generated]
 
     def _compile_kwargs(self) -> dict:
         """generate() options for compiling the decode step (or keeping it uncompiled)."""
@@ -181,7 +213,7 @@ class HFEngine(Engine):
         finally:
             self.model.set_attn_implementation(own)
 
-    def _shared_prefill(self, input_ids, mask, n: int, max_len: int):
+    def _shared_prefill(self, input_ids, mask, n: int, max_len: int, dynamic: bool = False):
         """Run the prompt batch once (all but its last token), then repeat the cache n times.
 
         `generate` resumes from a cache that covers all but the last prompt token, so only the
@@ -196,7 +228,7 @@ class HFEngine(Engine):
         self.model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1],
                    position_ids=position_ids[:, :-1], past_key_values=prefill, use_cache=True,
                    logits_to_keep=1)
-        if self.cache == "static":
+        if self.cache == "static" and not dynamic:
             cache = StaticCache(config=self.model.config, max_cache_len=max_len)
             for index, layer in enumerate(prefill.layers):
                 cache.update(layer.keys.repeat_interleave(n, dim=0),

@@ -1,0 +1,131 @@
+"""A decode loop that drops finished rows: the hf engine's `decode: compact` option.
+
+transformers' `generate` steps every row of a batch until the batch's longest row ends. On the
+toy model a typical row ends after ~30 of 160 tokens while one looping row runs to the limit,
+so most decode compute goes to rows that are done (`occupancy` in benchmarks/sampling.py).
+This loop removes finished rows from the batch and from the KV cache as it goes
+(`batch_select_indices`); no transformers API does that for a static batch (its continuous
+batching, `generate_batch`, was 10x slower on CPU here), which is why it is written by hand.
+It calls the model's own forward, so any causal LM with a DynamicCache works. The cache's
+layers are swapped for `PreallocatedLayer`s sized for the whole generation: a DynamicLayer
+copies its whole cache at every step (`torch.cat`), 56 % of the decode time on the toy model.
+
+Sampling is generate's (temperature, then top-p over the sorted distribution, the pad token
+suppressed), drawn from a generator seeded by the caller: the same seed and batch give the same
+tokens, but not the tokens `generate` would draw (it consumes the global RNG differently).
+"""
+
+from __future__ import annotations
+
+from transformers.cache_utils import DynamicLayer
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values live in a buffer with room for `capacity` tokens:
+    `update` writes in place and returns views of the filled part, so no step copies the
+    cache. Keeps the layer's existing content (the prefill)."""
+
+    def __init__(self, layer: DynamicLayer, capacity: int):
+        super().__init__()
+        keys, values = layer.keys, layer.values
+        rows, heads, length, dim = keys.shape
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self._keys = keys.new_empty((rows, heads, max(capacity, length), dim))
+        self._values = values.new_empty((rows, heads, max(capacity, length), dim))
+        self._keys[:, :, :length], self._values[:, :, :length] = keys, values
+        self.length = length
+        self._views()
+
+    def _views(self) -> None:
+        self.keys = self._keys[:, :, :self.length]
+        self.values = self._values[:, :, :self.length]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self._keys.shape[2]:
+            raise ValueError(f"PreallocatedLayer: {end} tokens exceed its capacity "
+                             f"{self._keys.shape[2]}")
+        self._keys[:, :, self.length:end] = key_states
+        self._values[:, :, self.length:end] = value_states
+        self.length = end
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices) -> None:
+        """Keep rows `indices` (ascending): moved to the front of the same buffers, copying
+        only their filled part."""
+        kept = len(indices)
+        for buffer in (self._keys, self._values):
+            buffer[:kept, :, :self.length] = buffer[indices, :, :self.length]
+        self._keys, self._values = self._keys[:kept], self._values[:kept]
+        self._views()
+
+
+def sample_tokens(logits, temperature: float, top_p: float, generator, suppress: list[int]):
+    """Next token per row from last-position logits [rows, vocab] (generate's warpers)."""
+    import torch
+
+    logits = logits.float()
+    if suppress:
+        logits[:, suppress] = float("-inf")
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False)
+        remove = sorted_logits.softmax(-1).cumsum(-1) <= (1 - top_p)
+        remove[:, -1] = False  # keep at least the most likely token
+        logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def compact_decode(model, input_ids, mask, cache, max_new_tokens: int, eos_ids: list[int],
+                   temperature: float, top_p: float, suppress: list[int], seed: int
+                   ) -> list[list[int]]:
+    """New token ids per row (the ending EOS included) for left-padded `input_ids`.
+
+    `cache` is a DynamicCache holding every prompt token but the last (as the engine's shared
+    prefill leaves it), or None to prefill here. Rows leave the batch when they emit an EOS id
+    or reach `max_new_tokens`."""
+    import torch
+    from transformers import DynamicCache
+
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    if cache is None:
+        cache = DynamicCache(config=model.config)
+        if input_ids.shape[1] > 1:
+            model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1],
+                  position_ids=positions[:, :-1], past_key_values=cache, use_cache=True,
+                  logits_to_keep=1)
+    cache.layers = [PreallocatedLayer(layer, layer.get_seq_length() + max_new_tokens + 1)
+                    if layer.is_initialized else layer for layer in cache.layers]
+    generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+    eos = torch.tensor(eos_ids, device=input_ids.device)
+    tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)  # original row of each
+    done = torch.zeros_like(rows, dtype=torch.bool)  # rows that ended but are still stepped
+    current, position = input_ids[:, -1:], positions[:, -1:]
+    for step in range(max_new_tokens):
+        logits = model(input_ids=current, attention_mask=mask, position_ids=position,
+                       past_key_values=cache, use_cache=True).logits[:, -1, :]
+        chosen = sample_tokens(logits, temperature, top_p, generator, suppress)
+        for row, token, ended in zip(rows.tolist(), chosen.tolist(), done.tolist()):
+            if not ended:
+                tokens[row].append(token)
+        done = done | torch.isin(chosen, eos)
+        if step + 1 == max_new_tokens or bool(done.all()):
+            break
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        current, position = chosen[:, None], position + 1
+        # Dropping rows copies the cache's filled part; stepping a dead row costs its share of
+        # one step: compact once an eighth of the batch is dead.
+        if int(done.sum()) * 8 >= len(rows):
+            keep = (~done).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, mask, current, position = rows[keep], mask[keep], current[keep], position[keep]
+            done = done[keep]
+    return tokens
