@@ -28,7 +28,8 @@ def _readers(groups: dict, step: str, run: str) -> set[str]:
 
 
 @pytest.mark.parametrize("name, runs", [("study-backtracking.yaml", 15),
-                                        ("study-retry-pretraining.yaml", 21)])
+                                        ("study-retry-pretraining.yaml", 21),
+                                        ("study-s2r.yaml", 6)])
 def test_study_file_dry_runs(name, runs, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the study's output_dir is relative; a dry run writes nothing
     study_run.run_study(RECIPES / name, dry_run=True)
@@ -66,3 +67,11 @@ def test_retry_pretraining_cells_train_their_own_bases():
         # the default base is the toy recipe's, so the backtracking study's cache serves it
         default = next(w for w, n in groups["toy_base"].items() if f"retry0.25/seed{seed}" in n)
         assert f"core/seed{seed}" in backtracking["toy_base"][default]
+
+
+def test_s2r_study_trains_one_phrases_base_and_shares_the_default_one():
+    runs, groups = _groups("study-s2r.yaml")
+    bases = {where for where, names in groups["toy_base"].items()}
+    assert len(bases) == 2  # the default base and the loss-on-phrases base, each for 3 seeds
+    assert _readers(groups, "toy_base", "phrases/seed1") == {f"phrases/seed{s}" for s in range(3)}
+    assert _readers(groups, "train_s2r_sft", "phrases/seed0") == {"phrases/seed0"}
