@@ -73,7 +73,8 @@ class S2RDataConfig:
     backtrack_attempts: bool = option(
         False, "Also use the backtrack stage's traces (wrong sample, retry phrase, the "
         "model's continuation) as attempts. Off by default: such an attempt holds an in-turn "
-        "retry without a check, the behaviour S²R replaces.")
+        "retry without a check, the behaviour S²R replaces. The verify stage checks sample "
+        "attempts only: these get the task's hook when verify used it, else stay unverified.")
     seed: int = option(0, "Seed for choosing attempts and the right-first problems.")
 
     def validate(self) -> None:
