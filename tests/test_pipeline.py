@@ -244,6 +244,12 @@ def test_verify_step_gets_the_cues_of_the_s2r_data():
     alone = {s.name: s.deps for s in pipeline.plan(*pipeline.resolve_recipe(
         {**TINY, "arms": ["s2r_sft"]}, "tiny", {}))}
     assert alone["build"] == ["verify"]
+    rounds = {s.name: s for s in pipeline.plan(*pipeline.resolve_recipe(
+        {**recipe, "arms": ["s2r_sft"], "iterations": 2}, "tiny", {"output_dir": "o"}))}
+    again = rounds["verify_s2r_sft_iter2"]
+    assert again.deps == ["sample_s2r_sft_iter2"] and again.config.verify_cue == verify.verify_cue
+    assert again.config.output_dir == "o/iterations/s2r_sft/iter2"
+    assert rounds["build_s2r_sft_iter2"].deps == ["verify_s2r_sft_iter2"]
     recipe["verify"] = {"verdict_wrong": "Nope."}
     with pytest.raises(UserError, match=r"^key 'verify.verdict_wrong' \('Nope.'\) differs from "
                                         r"build.s2r.verdict_wrong \('That is not right.'\); set "
