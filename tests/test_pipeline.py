@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -216,3 +217,41 @@ def test_arms_pass_upstream_options_and_new_default_options_keep_hashes(tmp_path
     assert before == pipeline.config_hash(SampleConfig(k=8, progress=False), [])
     assert before != pipeline.config_hash(SampleConfig(k=8, top_p=0.9), [])
     assert before == pipeline.config_hash(SampleConfig(k=8, top_p=1.0), [])  # a default
+
+
+@pytest.mark.parametrize("arms", ["base,rft,rft_bt", "rft,rft_fix", "rft_bt_confirm"])
+def test_plans_without_verify_keep_their_digests(arms):
+    """The verify stage changed how the build step's upstream is chosen; a plan whose arms
+    read no verify has the digests it had before (golden: computed on main before it)."""
+    golden = json.loads((Path(__file__).parent / "golden" / "verify.json").read_text())
+    recipe = {**TINY, "arms": arms.split(",")}
+    steps = pipeline.plan(*pipeline.resolve_recipe(recipe, "tiny", {"output_dir": "runs/x"}))
+    assert pipeline.step_digests(steps) == golden["plan_digests"][arms]
+
+
+def test_verify_step_gets_the_cues_of_the_s2r_data():
+    """s2r_sft reads verify: the plan runs it after sample with build.s2r's cues, and the build
+    reads backtrack and verify; a verify section that says other cues is refused."""
+    cues = {"verify_cue": "Hmm, let me check.", "verdict_wrong": "That is not right."}
+    recipe = {**TINY, "arms": ["rft_bt", "s2r_sft"], "build": {"s2r": cues},
+              "verify": {"tries": 2, "verify_cue": "Hmm, let me check."}}
+    steps = {s.name: s for s in pipeline.plan(*pipeline.resolve_recipe(recipe, "tiny", {}))}
+    assert list(steps)[:5] == ["toy_base", "sample", "backtrack", "verify", "build"]
+    verify = steps["verify"].config
+    assert steps["verify"].deps == ["sample"] and steps["build"].deps == ["backtrack", "verify"]
+    assert (verify.tries, verify.verify_cue, verify.verdict_wrong, verify.retry_cue) == \
+        (2, "Hmm, let me check.", "That is not right.", "Let me try again.")
+    alone = {s.name: s.deps for s in pipeline.plan(*pipeline.resolve_recipe(
+        {**TINY, "arms": ["s2r_sft"]}, "tiny", {}))}
+    assert alone["build"] == ["verify"]
+    rounds = {s.name: s for s in pipeline.plan(*pipeline.resolve_recipe(
+        {**recipe, "arms": ["s2r_sft"], "iterations": 2}, "tiny", {"output_dir": "o"}))}
+    again = rounds["verify_s2r_sft_iter2"]
+    assert again.deps == ["sample_s2r_sft_iter2"] and again.config.verify_cue == verify.verify_cue
+    assert again.config.output_dir == "o/iterations/s2r_sft/iter2"
+    assert rounds["build_s2r_sft_iter2"].deps == ["verify_s2r_sft_iter2"]
+    recipe["verify"] = {"verdict_wrong": "Nope."}
+    with pytest.raises(UserError, match=r"^key 'verify.verdict_wrong' \('Nope.'\) differs from "
+                                        r"build.s2r.verdict_wrong \('That is not right.'\); set "
+                                        r"it once, in build.s2r$"):
+        pipeline.plan(*pipeline.resolve_recipe(recipe, "tiny", {}))

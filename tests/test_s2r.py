@@ -43,9 +43,12 @@ def test_arith_verdict_agrees_with_the_checker(case):
 
 def test_task_without_verification_hook_is_a_one_line_error():
     gsm8k = get_task("gsm8k")
+    assert ARITH.writes_verification and not gsm8k.writes_verification
+    assert not get_task("jsonl", {"path": "unused.jsonl"}).writes_verification
     problem = Problem("g1", "How many?", "3", None)
-    with pytest.raises(UserError, match=r"^task 'gsm8k' has no verification hook; the s2r "
-                                        r"arms need one$"):
+    with pytest.raises(UserError, match=r"^task 'gsm8k' has no verification hook; use verify"
+                                        r"\.source 'model' \(or 'auto'\) to have the model "
+                                        r"write its own verifications$"):
         gsm8k.verification(problem, "The answer is 3.")
     with pytest.raises(UserError, match="no verification hook"):
         task_verifier(gsm8k, [problem], S2RDataConfig())

@@ -44,6 +44,14 @@ def _write_samples(folder, tokenizer):
     return rows
 
 
+def _verify(out, **cues):
+    """The verify stage on the written samples: arith's hook writes the verifications."""
+    from backtrack.verifying import VerifyConfig, main
+
+    main(VerifyConfig(task="arith", task_args=TASK_ARGS, output_dir=str(out), progress=False,
+                      **cues))
+
+
 def test_build_writes_s2r_trajectories(tmp_path, tiny_model_dir):
     from datasets import load_from_disk
 
@@ -52,6 +60,7 @@ def test_build_writes_s2r_trajectories(tmp_path, tiny_model_dir):
 
     rows = _write_samples(tmp_path / "samples", load_tokenizer(str(tiny_model_dir)))
     assert {r["correct"] for r in rows} == {True, False}
+    _verify(tmp_path)
     main(BuildConfig(arms=["s2r_sft"], task="arith", task_args=TASK_ARGS,
                      model=str(tiny_model_dir), output_dir=str(tmp_path),
                      s2r={"right_first_share": 0.5}))
@@ -65,8 +74,9 @@ def test_build_writes_s2r_trajectories(tmp_path, tiny_model_dir):
     assert stats["inputs"]["per_arm"]["s2r_sft"]["trajectories"] == len(data)
 
 
-def test_s2r_data_needs_a_task_with_a_verification_hook(tmp_path, tiny_model_dir, gsm8k_dir,
-                                                         cli_env):
+def test_s2r_data_needs_the_verify_records(tmp_path, tiny_model_dir, gsm8k_dir, cli_env):
+    """The s2r_sft data reads its verifications from the verify stage: without its records
+    the build is a one-line error (exit 2) and writes nothing."""
     from backtrack.models import load_tokenizer
 
     _write_samples(tmp_path / "samples", load_tokenizer(str(tiny_model_dir)))
@@ -76,8 +86,10 @@ def test_s2r_data_needs_a_task_with_a_verification_hook(tmp_path, tiny_model_dir
     out = subprocess.run([*BACKTRACK_CMD, "build", "-c", str(recipe), "--arms", "[s2r_sft]",
                           "--output-dir", str(tmp_path)], capture_output=True, text=True,
                          env=cli_env, timeout=120)
-    assert out.returncode == 2 and "no verification hook" in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "sft").exists()
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'verify'}: not a record store (no store.json); run its stage first"]
+    assert not (tmp_path / "sft").exists()
     with pytest.raises(UserError, match="right_first_share"):
         from backtrack.build import BuildConfig
         from backtrack.methods.s2r import data_config

@@ -162,7 +162,7 @@ TOY_CUES = {"verify_cue": "Hmm, let me check that again.", "retry_cue": "Wait, l
 def test_cues_of_the_sft_data_reach_rl_and_eval(tmp_path, tiny_model_dir):
     """The cues set in `build.s2r` are recorded in the build stats and read back for every arm
     descended from s2r_sft (its RL reader and its evaluation), not the defaults."""
-    from test_s2r_arm import TASK_ARGS, _write_samples
+    from test_s2r_arm import TASK_ARGS, _verify, _write_samples
 
     from backtrack.arms import Evaluation, get_arm
     from backtrack.build import BuildConfig, main
@@ -176,6 +176,7 @@ def test_cues_of_the_sft_data_reach_rl_and_eval(tmp_path, tiny_model_dir):
                                         r"cues arm 's2r_sft' was trained with are unknown"):
         cues_for("s2r", str(tmp_path))
     _write_samples(tmp_path / "samples", load_tokenizer(str(tiny_model_dir)))
+    _verify(tmp_path, **TOY_CUES)  # the same cues, as `backtrack run` passes them
     main(BuildConfig(arms=["s2r_sft"], task="arith", task_args=TASK_ARGS,
                      model=str(tiny_model_dir), output_dir=str(tmp_path), s2r=TOY_CUES))
     toy = Cues("Hmm, let me check that again.", "Wait, let me redo that.", "That is right.",

@@ -27,7 +27,7 @@ class Arm:
     parent: str | None = "base"  # arm whose model this one starts from; None = the recipe's model
     training: str | None = None  # "sft", "rl" or None (evaluates its parent's model as it is)
     build: Callable | None = None  # SFT data: build(context) -> (examples, info); see build.py
-    reads: tuple[str, ...] = ()  # stages whose records `build` reads ("sample", "backtrack")
+    reads: tuple[str, ...] = ()  # stages whose records `build` reads (sample, backtrack, verify)
     train_args: dict = field(default_factory=dict)  # fixed options of its training step
     # options it needs from upstream steps, e.g. {"backtrack": {"confirm": 1000}}; the plan
     # gives a step the largest value any selected arm asks for (a recipe value wins over it)

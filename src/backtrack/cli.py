@@ -28,6 +28,9 @@ STAGES = [
      "Sample k think-then-answer solutions per problem and check them."),
     ("backtrack", "backtrack.backtracking", "BacktrackConfig", "backtrack",
      "Send each wrong sample back with a phrase in place of </think>; check the continuation."),
+    ("verify", "backtrack.verifying", "VerifyConfig", "verify",
+     "S²R: a verification of each sample attempt, by the task's hook or the model itself "
+     "(kept when its verdict agrees with the checker)."),
     ("build", "backtrack.build", "BuildConfig", "build",
      "Build the RFT and RFT+BT SFT datasets from sample and backtrack records."),
     ("train", "backtrack.train", "TrainConfig", "train",

@@ -76,8 +76,8 @@ class CommonConfig:
     seed: int = option(0, "Random seed for sampling, data order and training.")
 
 
-STAGE_SECTIONS = ("toy_base", "sample", "backtrack", "build", "train", "rl", "eval", "report",
-                  "probe")
+STAGE_SECTIONS = ("toy_base", "sample", "backtrack", "verify", "build", "train", "rl", "eval",
+                  "report", "probe")
 # Top-level recipe keys beyond CommonConfig's, applied to every stage config that has the field.
 RUN_KEYS = ("arms", "iterations")
 

@@ -5,8 +5,9 @@ continuations of one wrong trace) every selected SFT arm that trains on its own 
 the recipe's model (rft, rft_bt, rft_fix, rft_bt_confirm, s2r_sft) runs R rounds. Round 1 is
 the ordinary run: samples of the recipe's model in `samples/`, shared with runs without
 iterations. Round r >= 2 of arm X samples the train split again with X's round r-1 model,
-backtracks (when X reads backtracking), builds X's data alone and fine-tunes round r-1's model
-on it, all in `<output_dir>/iterations/X/iter<r>/` (samples/, backtrack/, sft/X/, models/X/).
+backtracks (when X reads backtracking), verifies (when X reads verify), builds X's data alone
+and fine-tunes round r-1's model on it, all in `<output_dir>/iterations/X/iter<r>/`
+(samples/, backtrack/, verify/, sft/X/, models/X/).
 
 A round is made by the ordinary stages with `output_dir` set to its folder and `model` to the
 previous round's model folder, so no stage knows about iterations. Each round draws its own
@@ -83,7 +84,11 @@ def round_specs(layout: RunLayout, arm, round_: int) -> list[tuple[str, str, lis
     specs = [(f"sample_{suffix}", "sample", [prev], where)]
     if "backtrack" in arm.reads:
         specs.append((f"backtrack_{suffix}", "backtrack", [specs[-1][0]], where))
-    specs.append((f"build_{suffix}", "build", [specs[-1][0]], {**where, "arms": [arm.name]}))
+    upstream = [specs[-1][0]]
+    if "verify" in arm.reads:  # as pipeline._data_steps: build reads backtrack and verify
+        specs.append((f"verify_{suffix}", "verify", [specs[0][0]], where))
+        upstream = [name for name in upstream if name != specs[0][0]] + [specs[-1][0]]
+    specs.append((f"build_{suffix}", "build", upstream, {**where, "arms": [arm.name]}))
     specs.append((train_step(arm.name, round_), "train", [specs[-1][0], prev],
                   {**where, "arm": arm.name, **arm.train_args}))
     return specs

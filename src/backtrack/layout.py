@@ -32,6 +32,10 @@ class RunLayout:
         return self.output_dir / "backtrack"
 
     @property
+    def verify(self) -> Path:
+        return self.output_dir / "verify"  # S²R verifications of sample attempts
+
+    @property
     def sft(self) -> Path:
         return self.output_dir / "sft"
 

@@ -2,8 +2,8 @@
 
 The plan comes from the arms registry: the recipe's `arms` (evaluations, e.g. `[base, rft,
 rft_bt, budget_forcing]`) pull in the arms they need and their parents; the toy base runs when
-`model: toy`; sample / backtrack run when an arm's data reads them; build writes every SFT arm's
-data; each trained arm gets one training step (`train` for SFT, `rl` for RL) from its parent's
+`model: toy`; sample / backtrack / verify run when an arm's data reads them; build writes
+every SFT arm's data; each trained arm gets one training step (`train` for SFT, `rl` for RL) from its parent's
 model; every evaluation gets an eval step; the report reads them all. Each step's config is
 resolved from the same recipe as its own subcommand would (top-level keys, then its section),
 and the shared options given on the command line (`--seed`, `--output-dir`, ...) apply to
@@ -37,13 +37,15 @@ from backtrack.fileio import read_json, write_json
 from backtrack.layout import RunLayout
 from backtrack.share import SHARED_STAGES, StepShare
 
-ALL_STAGES = ("toy_base", "sample", "backtrack", "build", "train", "rl", "eval", "report")
+ALL_STAGES = ("toy_base", "sample", "backtrack", "verify", "build", "train", "rl", "eval",
+              "report")
 EMBEDDED_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "toy.yaml"
 # stage -> (module, config class); a training kind of the registry is a stage name
 STAGE_MODULES = {
     "toy_base": ("backtrack.toy_base", "ToyBaseConfig"),
     "sample": ("backtrack.sample", "SampleConfig"),
     "backtrack": ("backtrack.backtracking", "BacktrackConfig"),
+    "verify": ("backtrack.verifying", "VerifyConfig"),
     "build": ("backtrack.build", "BuildConfig"),
     "train": ("backtrack.train", "TrainConfig"),
     "rl": ("backtrack.rl.stage", "RLConfig"),
@@ -146,7 +148,17 @@ def plan(config: RunConfig, recipe: dict, source: str, shared: dict) -> list[Ste
         cls = getattr(importlib.import_module(module), cls_name)
         return resolve(cls, recipe, stage, {**shared, **extra}, source=source or "defaults")
 
-    needed = _stage_args(arms, recipe)
+    def stage_args(selected: list) -> dict[str, dict]:
+        args = _stage_args(selected, recipe)
+        verified = [a.name for a in selected if "verify" in a.reads]
+        if verified:  # the cues of those arms' S²R data (build.s2r)
+            from backtrack.verifying import plan_options
+
+            args.setdefault("verify", {}).update(plan_options(cfg("build", arms=verified),
+                                                              recipe))
+        return args
+
+    needed = stage_args(arms)
 
     def step(name, stage, deps, args=None, **extra):
         conf = cfg(stage, **{**(needed if args is None else args).get(stage, {}), **extra})
@@ -168,7 +180,7 @@ def plan(config: RunConfig, recipe: dict, source: str, shared: dict) -> list[Ste
         steps.append(_training_step(config, source, shared, step, arm, deps))
         if arm.name in iterated:
             train = functools.partial(_training_step, config, source, shared, step, arm)
-            steps += later_rounds(config, arm, _stage_args([arm], recipe), step, train)
+            steps += later_rounds(config, arm, stage_args([arm]), step, train)
     layout = RunLayout.of(config)
     for evaluation in evaluations:
         origin = model_source(evaluation.arm.name)
@@ -182,16 +194,21 @@ def plan(config: RunConfig, recipe: dict, source: str, shared: dict) -> list[Ste
 
 
 def _data_steps(arms: list, step: Callable, base: list[str]) -> list[Step]:
-    """sample / backtrack when an arm's data reads them, and one build step for every SFT arm."""
+    """sample / backtrack / verify when an arm's data reads them, and one build step for every
+    SFT arm. The build reads the last of them, and also verify when that is planned (so a
+    plan without verify keeps the digests it had before the stage existed)."""
     data_arms = [a.name for a in arms if a.build is not None]
     reads = {stage for a in arms if a.build is not None for stage in a.reads}
     steps = []
-    if "sample" in reads or "backtrack" in reads:
+    if reads & {"sample", "backtrack", "verify"}:
         steps.append(step("sample", "sample", base))
     if "backtrack" in reads:
         steps.append(step("backtrack", "backtrack", ["sample"]))
+    upstream = [s.name for s in steps][-1:]
+    if "verify" in reads:
+        steps.append(step("verify", "verify", ["sample"]))
+        upstream = [s for s in upstream if s != "sample"] + ["verify"]
     if data_arms:
-        upstream = [s.name for s in steps][-1:]
         steps.append(step("build", "build", upstream, arms=data_arms))
         steps[-1].unhashed = unread_fields(steps[-1].config, data_arms)
     return steps
@@ -222,35 +239,10 @@ def _training_step(config: RunConfig, source: str, shared: dict, step: Callable,
         extra["parent"] = arm.parent or "base"
     built = step(name or f"train_{arm.name}", stage, deps, args=args, **extra)
     if config.accelerate_config:
-        built.run = _accelerate_launcher(config, source, shared, stage)
+        from backtrack.launch import accelerate_launcher
+
+        built.run = accelerate_launcher(config, source, shared, stage)
     return built
-
-
-def _accelerate_launcher(config: RunConfig, source: str, shared: dict,
-                        stage: str = "train") -> Callable[[Any], None]:
-    """A training step that runs `backtrack train` (or `rl`) under `accelerate launch` (one
-    process per GPU), since a multi-process launch cannot happen inside this process."""
-    import subprocess
-    import sys
-
-    def launch(train_config) -> None:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                   config.accelerate_config, "-m", "backtrack.cli", stage, "--arm",
-                   train_config.arm, "--resume", str(train_config.resume).lower()]
-        if source:
-            command += ["--config", source]
-        values = dict(shared)
-        if train_config.output_dir != config.output_dir:  # a later round (iterations.py)
-            values.update({k: getattr(train_config, k) for k in ("output_dir", "model", "seed")})
-        for key, value in values.items():
-            text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
-            command += ["--" + key.replace("_", "-"), text]
-        print("[run] " + " ".join(command), flush=True)
-        if subprocess.run(command).returncode != 0:
-            raise UserError(f"training arm '{train_config.arm}' under accelerate failed "
-                            "(see its output above)")
-
-    return launch
 
 
 def config_hash(config: Any, dep_hashes: list[str], unhashed: tuple[str, ...] = ()) -> str:

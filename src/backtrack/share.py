@@ -28,7 +28,7 @@ from backtrack.layout import RunLayout
 
 # Stages whose outputs are folders under output_dir with nothing run-specific in them. Not the
 # toy base (its model is shared through its own cache) and not the report (one per run).
-SHARED_STAGES = frozenset({"sample", "backtrack", "build", "train", "rl", "eval"})
+SHARED_STAGES = frozenset({"sample", "backtrack", "verify", "build", "train", "rl", "eval"})
 MARKER = "share.json"
 
 

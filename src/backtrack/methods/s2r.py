@@ -33,13 +33,13 @@ def data_config(build_config):
 
 def build_s2r(context):
     """Trajectories from the sample records (and backtrack traces if asked), verified by the
-    task's `verification` hook; a task without one is a one-line error."""
-    from backtrack.methods.s2r_data import build_s2r_examples, task_verifier
-    from backtrack.tasks import get_task
+    verify stage's records (the task's hook or the model's own checks, `verifying.py`), which
+    must use this data's cues."""
+    from backtrack.methods.s2r_data import build_s2r_examples
+    from backtrack.verifying import records_verifier
 
     options = data_config(context.config)
-    task = get_task(context.config.task, context.config.task_args)
-    verify = task_verifier(task, task.problems("train"), options)
+    verify = records_verifier(context.layout, options, context.task())
     traces = context.traces() if options.backtrack_attempts else []
     examples, stats = build_s2r_examples(context.samples(), traces, verify, options,
                                          context.tokenizer, str(context.layout.samples),
@@ -140,7 +140,7 @@ register_protocol(Protocol(
 register_trace_format("s2r", _trace_reader)
 register(Arm("s2r_sft", "S²R behaviour initialisation: SFT on attempt -> verify -> retry "
              "trajectories of the model's own samples", training="sft", build=build_s2r,
-             reads=("sample",), protocol="self_verify", compare_with=("rft_bt", "base")))
+             reads=("sample", "verify"), protocol="self_verify", compare_with=("rft_bt", "base")))
 register(Arm("s2r", "S²R: s2r_sft then outcome-level RL (reward on the final answer, RLOO)",
              parent="s2r_sft", training="rl", protocol="self_verify",
              train_args={"method": "outcome", "baseline": "loo",

@@ -7,9 +7,10 @@ and retries only when the check says wrong. A trajectory is one assistant turn:
     [<retry cue>  attempt  <verify cue>  verification ...]   until an attempt verified correct
 
 Attempts are the model's own samples of the problem (wrong ones, then a right one to end);
-verifications come from the task's `verification` hook (for `arith` the task re-solves the
-problem; for GSM8K they will be the model's own), and one whose verdict disagrees with the
-checker is dropped (S²R's filter). As in S²R, harder problems get longer trajectories: the
+verifications come from the `verify` stage (`verifying.py`: the task's `verification` hook,
+with which `arith` re-solves the problem, or the model's own check prompted after its
+attempt, as for GSM8K), and one whose verdict disagrees with the checker is dropped (S²R's
+filter). As in S²R, harder problems get longer trajectories: the
 number of wrong attempts grows with the share of the model's samples that were wrong.
 Trajectories that stop after a first attempt verified correct teach the model to stop; their
 share of the mix is `right_first_share`.
@@ -72,7 +73,8 @@ class S2RDataConfig:
     backtrack_attempts: bool = option(
         False, "Also use the backtrack stage's traces (wrong sample, retry phrase, the "
         "model's continuation) as attempts. Off by default: such an attempt holds an in-turn "
-        "retry without a check, the behaviour S²R replaces.")
+        "retry without a check, the behaviour S²R replaces. The verify stage checks sample "
+        "attempts only: these get the task's hook when verify used it, else stay unverified.")
     seed: int = option(0, "Seed for choosing attempts and the right-first problems.")
 
     def validate(self) -> None:
@@ -118,7 +120,7 @@ class S2RExample(Example):
 # ------------------------------------------------------------------ format: parse and render
 
 
-def _cue_pattern(verify_cue: str, retry_cue: str) -> re.Pattern:
+def cue_pattern(verify_cue: str, retry_cue: str) -> re.Pattern:
     """A cue with the whitespace around it (so segments start and end on text)."""
     return re.compile(rf"\s*(?:(?P<verify>{re.escape(verify_cue.strip())})"
                       rf"|(?P<retry>{re.escape(retry_cue.strip())}))\s*", re.IGNORECASE)
@@ -130,7 +132,7 @@ def parse_trace(text: str, verify_cue: str = S2R_VERIFY_CUE,
     after a verify cue a verification, text after a retry cue an attempt. Cue matches take the
     whitespace around them; back-to-back cues leave no empty segment between them."""
     segments, pos, kind = [], 0, "attempt"
-    for match in _cue_pattern(verify_cue, retry_cue).finditer(text):
+    for match in cue_pattern(verify_cue, retry_cue).finditer(text):
         if match.start() > pos or not segments:
             segments.append(Segment(pos, match.start(), kind))
         cue = "verify_cue" if match.group("verify") is not None else "retry_cue"
@@ -141,18 +143,23 @@ def parse_trace(text: str, verify_cue: str = S2R_VERIFY_CUE,
     return segments
 
 
+def verdict_matches(text: str, verdict_correct: str = S2R_VERDICT_CORRECT,
+                    verdict_wrong: str = S2R_VERDICT_WRONG) -> list[tuple[int, int, str]]:
+    """(start, end, "correct" | "wrong") of every verdict phrase in `text`, in order (case and
+    final punctuation ignored, "correctly" is not "correct"; `end` takes the punctuation)."""
+    found = []
+    for name, phrase in (("correct", verdict_correct), ("wrong", verdict_wrong)):
+        core = re.escape(phrase.strip().rstrip(".!"))
+        found += [(m.start(), m.end(), name)
+                  for m in re.finditer(rf"{core}(?!\w)[.!]*", text, flags=re.IGNORECASE)]
+    return sorted(found)
+
+
 def parse_verdict(text: str, verdict_correct: str = S2R_VERDICT_CORRECT,
                   verdict_wrong: str = S2R_VERDICT_WRONG) -> str | None:
-    """"correct", "wrong" or None: the last verdict phrase in `text` (case and final
-    punctuation ignored; "correctly" is not "correct")."""
-    phrases = {"correct": verdict_correct, "wrong": verdict_wrong}
-    best, verdict = -1, None
-    for name, phrase in phrases.items():
-        core = re.escape(phrase.strip().rstrip(".!"))
-        for match in re.finditer(rf"{core}(?!\w)", text, flags=re.IGNORECASE):
-            if match.start() > best:
-                best, verdict = match.start(), name
-    return verdict
+    """"correct", "wrong" or None: the last verdict phrase in `text`."""
+    found = verdict_matches(text, verdict_correct, verdict_wrong)
+    return found[-1][2] if found else None
 
 
 def render_trajectory(steps: list[tuple[str, str, bool]], config: S2RDataConfig):
@@ -247,7 +254,7 @@ def collect_attempts(samples: list[dict], backtracks: list[dict], use_backtracks
 def check_attempts(pools: dict[str, list[Attempt]], verify: Verifier,
                    config: S2RDataConfig) -> tuple[dict[str, list[Attempt]], dict]:
     """Attempts whose verification exists, agrees with the checker and holds no cue."""
-    cue = _cue_pattern(config.verify_cue, config.retry_cue)
+    cue = cue_pattern(config.verify_cue, config.retry_cue)
     kept: dict[str, list[Attempt]] = {}
     stats = {"attempts": 0, "unverifiable": 0, "verdict_disagrees": 0, "cue_in_text": 0}
     for pid in sorted(pools):

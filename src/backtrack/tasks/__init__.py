@@ -30,6 +30,9 @@ class Task:
 
     name = "task"
     system_prompt = SYSTEM_PROMPT
+    # Whether `verification` is implemented: the verify stage's `source: auto` asks this
+    # instead of calling the hook (the model writes the verifications of a task without one).
+    writes_verification = False
 
     def __init__(self, limit: int | None = None, **options):
         if options:
@@ -70,9 +73,10 @@ class Task:
                      verdict_wrong: str | None = None) -> str | None:
         """A check of `attempt_text` that ends in a verdict phrase (S²R's self-verification
         data), or None when this attempt cannot be checked. The verdict phrases default to
-        `formats.S2R_VERDICT_CORRECT` / `S2R_VERDICT_WRONG`. Tasks without a way to write one
-        (GSM8K: its verifications will come from the model) leave this to the base class."""
-        raise UserError(f"task '{self.name}' has no verification hook; the s2r arms need one")
+        `formats.S2R_VERDICT_CORRECT` / `S2R_VERDICT_WRONG`. A task that implements it sets
+        `writes_verification = True`; for the others (GSM8K) the model writes them."""
+        raise UserError(f"task '{self.name}' has no verification hook; use verify.source "
+                        "'model' (or 'auto') to have the model write its own verifications")
 
 
 TASKS: dict[str, type[Task]] = {}

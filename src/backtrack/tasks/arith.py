@@ -155,6 +155,7 @@ class ArithTask(Task):
     # Shorter than the default prompt: the toy model is trained from scratch on every token of
     # the transcript, and training cost on CPU is per token.
     system_prompt = 'Think step by step in <think> </think>, then write "The answer is N".'
+    writes_verification = True
 
     def __init__(self, steps=(2, 3), max_start: int = 20, max_operand: int = 20,
                  max_factor: int = 3, max_value: int = 100, ops: str = "+-*/",
