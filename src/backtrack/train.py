@@ -50,6 +50,9 @@ class TrainConfig(CommonConfig):
     lr_scheduler: str = option("cosine", "Learning-rate schedule.", choices=SCHEDULERS)
     weight_decay: float = option(0.0, "AdamW weight decay.")
     gradient_checkpointing: bool = option(False, "Recompute activations to save memory.")
+    group_by_length: bool = option(False, "Batch examples of similar length together "
+                                          "(transformers' LengthGroupedSampler): less padding, "
+                                          "other batches than random ones.")
     save_steps: int = option(100, "Write a checkpoint every N optimizer steps.")
     save_total_limit: int = option(2, "Checkpoints kept on disk (oldest deleted).")
     logging_steps: int = option(10, "Log loss and learning rate every N steps.")
@@ -140,6 +143,7 @@ def sft_args(config: TrainConfig, checkpoint_dir: Path):
         bf16=cuda and torch.cuda.is_bf16_supported(),
         seed=config.seed,
         data_seed=config.seed,
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
     )
 
 
