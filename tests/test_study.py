@@ -175,3 +175,13 @@ def test_shards_split_runs_disjointly_and_stably(tmp_path):
     assert [r.name for r in study.select_runs(again, "1/3")] == [r.name for r in shards[1]]
     with pytest.raises(UserError, match="shard"):
         study.select_runs(runs, "3/3")
+
+
+def test_only_selects_variants_and_runs_in_study_order(tmp_path):
+    runs = runs_of(tmp_path, "seeds: [0, 1]\nvariants: {a: {}, b: {train: {epochs: 1}}, c: {}}\n")
+    picked = study.only_runs(runs, "c, a/seed1")
+    assert [r.name for r in picked] == ["a/seed1", "c/seed0", "c/seed1"]
+    with pytest.raises(UserError, match="no variant or run named d, a/seed7"):
+        study.only_runs(runs, "d,a/seed7")
+    with pytest.raises(UserError, match="--only"):
+        study.only_runs(runs, " , ")

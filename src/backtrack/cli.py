@@ -107,11 +107,13 @@ def study_command(
                               "processes or machines sharing one output_dir)."),
     report_only: bool = typer.Option(False, "--report-only", help="Write the study report "
                                      "from the runs evaluated so far; nothing runs."),
+    only: str = typer.Option("", "--only", help="Run only these variants or runs, "
+                             "comma-separated (`no-retry,retry0.5/seed0`); the rest later."),
 ) -> None:
     """Run every (variant, seed) of a study, computing identical steps once, then report."""
     from backtrack.study_run import run_study
 
-    run_study(config, dry_run=dry_run, shard=shard, report_only=report_only)
+    run_study(config, dry_run=dry_run, shard=shard, report_only=report_only, only=only)
 
 
 @app.command("arms")

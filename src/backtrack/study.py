@@ -290,3 +290,18 @@ def select_runs(runs: list[Run], shard: str) -> list[Run]:
     without talking to each other and a run never moves between shards."""
     index, count = parse_shard(shard)
     return [run for run in runs if shard_of(run.name, count) == index]
+
+
+def only_runs(runs: list[Run], only: str) -> list[Run]:
+    """The runs `--only` names: comma-separated variants (`no-retry`) or runs
+    (`no-retry/seed0`), in the study's order. A part of a study that does not fit one
+    machine's time is run this way and finished later; an unknown name is a user error."""
+    wanted = [name.strip() for name in only.split(",") if name.strip()]
+    if not wanted:
+        raise UserError("--only: name one or more variants or runs (variant/seed<k>)")
+    known = {run.variant for run in runs} | {run.name for run in runs}
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        raise UserError(f"--only: no variant or run named {', '.join(unknown)} in this study "
+                        f"(variants: {', '.join(dict.fromkeys(r.variant for r in runs))})")
+    return [run for run in runs if run.variant in wanted or run.name in wanted]

@@ -23,7 +23,7 @@ from backtrack import pipeline
 from backtrack.errors import UserError
 from backtrack.fileio import write_text
 from backtrack.share import SHARED_STAGES
-from backtrack.study import Run, StudyConfig, load_study, select_runs, study_runs
+from backtrack.study import Run, StudyConfig, load_study, only_runs, select_runs, study_runs
 
 RECIPE_FILE = "recipe.yaml"
 
@@ -80,7 +80,7 @@ def print_plan(config: StudyConfig, runs: list[Run], mine: list[Run]) -> None:
             print(f"variant {name}: seed_scope {overrides['seed_scope']}")
     print("runs (variant, seed, folder):")
     for run in runs:
-        flag = "" if run in mine else "  (another shard)"
+        flag = "" if run in mine else "  (not this process: --shard / --only)"
         print(f"  {run.variant:20s} {run.seed:6d}  {run.output_dir}{flag}")
     groups = share_groups(config, runs)
     print("steps (a step listed with several runs is computed once for all of them):")
@@ -137,7 +137,7 @@ def execute(config: StudyConfig, runs: list[Run], mine: list[Run]) -> None:
 
 
 def run_study(path: str | Path, dry_run: bool = False, shard: str = "",
-              report_only: bool = False) -> None:
+              report_only: bool = False, only: str = "") -> None:
     """`backtrack study`: check the whole study first (nothing runs on bad input)."""
     from backtrack.study_report import write_study_report
 
@@ -146,6 +146,8 @@ def run_study(path: str | Path, dry_run: bool = False, shard: str = "",
     config = load_study(path)
     runs = study_runs(config)
     mine = select_runs(runs, shard) if shard else runs
+    if only:
+        mine = [run for run in only_runs(runs, only) if run in mine]
     if dry_run:
         print_plan(config, runs, mine)
     elif report_only:
