@@ -144,7 +144,7 @@ def test_share_off_and_report_only(tmp_path, cli_env):
     dry = _cli(path, cli_env, "--dry-run", "--shard", "1/2")
     assert dry.returncode == 0, dry.stderr
     assert "share off" in dry.stdout and "shared/" not in dry.stdout
-    assert "(another shard)" in dry.stdout
+    assert "(not this process" in dry.stdout
     for step in ("sample", "backtrack", "build", "eval_base", "report"):
         assert re.search(rf"^  {step} +4 computation\(s\), each read by one run$", dry.stdout, re.M)
     assert re.search(r"^  toy_base +cache toy/\w+  <- slow/seed1, fast/seed1$", dry.stdout, re.M)
