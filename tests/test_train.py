@@ -208,3 +208,11 @@ def test_accelerate_configs_parse():
         assert str(config.distributed_type).endswith(kind), name
     zero3 = load_config_from_file(str(REPO / "recipes" / "accelerate" / "zero3.yaml"))
     assert zero3.deepspeed_config["zero_stage"] == 3
+
+
+def test_group_by_length_reaches_the_trainer_sampler(tmp_path):
+    from backtrack.train import TrainConfig, sft_args
+
+    assert sft_args(TrainConfig(), tmp_path).train_sampling_strategy == "random"
+    grouped = sft_args(TrainConfig(group_by_length=True), tmp_path)
+    assert grouped.train_sampling_strategy == "group_by_length"
