@@ -142,3 +142,12 @@ def test_runs_on_different_test_problems_are_refused(tmp_path):
         (folder / "metrics.json").write_text(json.dumps(summarize(records, n_boot=10)))
     with pytest.raises(UserError, match="cannot be compared: seed 1 was evaluated on other"):
         study_report.write_study_report(config)
+
+
+def test_one_seed_never_holds_across_seeds():
+    from backtrack.study_report import _verdict
+
+    row = {"significant": True, "seeds_agree": 1, "seeds": 1}
+    assert _verdict(row) == "CI only (1 seed)"
+    assert _verdict({**row, "significant": False}) == "no"
+    assert _verdict({**row, "seeds_agree": 2, "seeds": 2}) == "yes"
