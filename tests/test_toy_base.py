@@ -100,7 +100,7 @@ def test_later_fields_enter_the_hash_only_when_set():
     """Caches made before pack_length/torch_compile existed stay valid for configs without them."""
     base = ToyBaseConfig()
     assert config_hash(ToyBaseConfig(save_minutes=0.5, threads=1)) == config_hash(base)
-    for field, value in (("pack_length", 256), ("torch_compile", True), ("length_grouped", False)):
+    for field, value in (("pack_length", 256), ("torch_compile", True), ("length_grouped", True)):
         assert config_hash(ToyBaseConfig(**{field: value})) != config_hash(base)
 
 
