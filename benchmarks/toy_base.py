@@ -40,8 +40,8 @@ LEVERS = {
     # Batches of transcripts of similar length (transformers' LengthGroupedSampler): no
     # padding without packing's longer attention rows. Faster per token, but the tiny model
     # learns far worse from length-sorted batches (README), so it is not the default.
-    "group": ({}, {"train_sampling_strategy": "group_by_length"}),
-    "group+compile": ({"torch_compile": True}, {"train_sampling_strategy": "group_by_length"}),
+    "group": ({"length_grouped": True}, {}),
+    "group+compile": ({"length_grouped": True, "torch_compile": True}, {}),
     "adamw_loop": ({}, {"optim": "adamw_torch"}),  # transformers' default here is fused
     "threads1": ({"threads": 1}, {}),
     "bf16": ({}, {"bf16": True}),
