@@ -29,22 +29,30 @@ REPO = Path(__file__).resolve().parents[1]
 
 # name: (ToyBaseConfig overrides, TrainingArguments overrides)
 LEVERS = {
-    "baseline": ({}, {}),
-    "pack256": ({"pack_length": 256}, {}),
-    "pack384": ({"pack_length": 384}, {}),
-    "batch32": ({"batch_size": 32}, {}),
-    "batch128": ({"batch_size": 128}, {}),
-    "compile": ({"torch_compile": True}, {}),
-    "pack256+compile": ({"pack_length": 256, "torch_compile": True}, {}),
-    "batch128+compile": ({"batch_size": 128, "torch_compile": True}, {}),
+    # One padded batch per step: the toy base before micro-batches (CORPUS_VERSION 3).
+    "baseline": ({"micro_batches": 1}, {}),
+    "pack256": ({"pack_length": 256, "micro_batches": 1}, {}),
+    "pack384": ({"pack_length": 384, "micro_batches": 1}, {}),
+    "batch32": ({"batch_size": 32, "micro_batches": 1}, {}),
+    "batch128": ({"batch_size": 128, "micro_batches": 1}, {}),
+    "compile": ({"torch_compile": True, "micro_batches": 1}, {}),
+    "pack256+compile": ({"pack_length": 256, "torch_compile": True, "micro_batches": 1}, {}),
+    "batch128+compile": ({"batch_size": 128, "torch_compile": True, "micro_batches": 1}, {}),
     # Batches of transcripts of similar length (transformers' LengthGroupedSampler): no
     # padding without packing's longer attention rows. Faster per token, but the tiny model
     # learns far worse from length-sorted batches (README), so it is not the default.
-    "group": ({"length_grouped": True}, {}),
-    "group+compile": ({"length_grouped": True, "torch_compile": True}, {}),
-    "adamw_loop": ({}, {"optim": "adamw_torch"}),  # transformers' default here is fused
-    "threads1": ({"threads": 1}, {}),
-    "bf16": ({}, {"bf16": True}),
+    "group": ({"length_grouped": True, "micro_batches": 1}, {}),
+    "group+compile": ({"length_grouped": True, "torch_compile": True, "micro_batches": 1}, {}),
+    # Each random batch split into micro-batches of similar length (transformers'
+    # batch_rebalance sampler + gradient accumulation): the same transcripts and loss per step.
+    # micro4 is the default since CORPUS_VERSION 4.
+    "micro2": ({"micro_batches": 2}, {}),
+    "micro4": ({}, {}),
+    "micro8": ({"micro_batches": 8}, {}),
+    "micro4+compile": ({"micro_batches": 4, "torch_compile": True}, {}),
+    "adamw_loop": ({"micro_batches": 1}, {"optim": "adamw_torch"}),  # the default is fused
+    "threads1": ({"threads": 1, "micro_batches": 1}, {}),
+    "bf16": ({"micro_batches": 1}, {"bf16": True}),
 }
 
 
@@ -111,7 +119,8 @@ def measure_training(lever: str, steps: int, warmup: int, threads: int) -> dict:
         timer = step_timer(warmup, steps)
         trainer.add_callback(timer)
         trainer.train()
-    timed = counter.batches[warmup:steps]
+    per_step = config.micro_batches  # the collator sees each micro-batch
+    timed = counter.batches[warmup * per_step:steps * per_step]
     total = {k: sum(b[k] for b in timed) for k in timed[0]}
     import torch
     return {"lever": lever, "threads": torch.get_num_threads(), "seconds": timer.seconds,
@@ -119,7 +128,7 @@ def measure_training(lever: str, steps: int, warmup: int, threads: int) -> dict:
             "tokens_per_s": total["real_tokens"] / timer.seconds,
             "model_flops_per_s": total["model_flops"] / timer.seconds,
             "computed_flops_per_s": total["computed_flops"] / timer.seconds,
-            "mean_real_length": total["real_tokens"] / (len(timed) * config.batch_size),
+            "mean_real_length": total["real_tokens"] / ((steps - warmup) * config.batch_size),
             "parameters": sum(p.numel() for p in model.parameters())}
 
 

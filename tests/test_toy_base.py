@@ -100,12 +100,14 @@ def test_later_fields_enter_the_hash_only_when_set():
     """Caches made before pack_length/torch_compile existed stay valid for configs without them."""
     base = ToyBaseConfig()
     assert config_hash(ToyBaseConfig(save_minutes=0.5, threads=1)) == config_hash(base)
-    for field, value in (("pack_length", 256), ("torch_compile", True), ("length_grouped", True)):
+    for field, value in (("pack_length", 256), ("torch_compile", True), ("length_grouped", True),
+                         ("micro_batches", 2)):
         assert config_hash(ToyBaseConfig(**{field: value})) != config_hash(base)
 
 
 @pytest.mark.parametrize("bad", [dict(correction_rate=1.5), dict(hidden=30, heads=4),
-                                 dict(steps=0), dict(retry_phrases=[])])
+                                 dict(steps=0), dict(retry_phrases=[]), dict(micro_batches=3),
+                                 dict(micro_batches=2, pack_length=256)])
 def test_bad_config_is_a_user_error(bad):
     with pytest.raises(UserError):
         ToyBaseConfig(**bad).validate()
@@ -248,3 +250,40 @@ def test_resume_point_skips_torn_checkpoints_and_drops_another_corpus(tmp_path):
     assert resume_point(work, {"corpus": "c2", "tokenizer": "t1"}) is None
     assert not (work / "trainer").exists()
     assert json.loads((work / "identity.json").read_text()) == {"corpus": "c2", "tokenizer": "t1"}
+
+
+def test_micro_batches_split_each_random_batch_and_keep_its_gradient(tmp_path):
+    """micro_batches > 1: every optimizer step still sees one random batch of batch_size
+    distinct transcripts (the epoch once each, shuffled with the run's seed), split by length
+    so less is padded, and the accumulated gradient is the whole batch's."""
+    import torch
+
+    from backtrack.toy_base import build_model, make_trainer
+
+    config = ToyBaseConfig(**{**TINY, "micro_batches": 4, "save_minutes": 0.0, "seed": 3})
+    task = get_task("arith", TINY["task_args"])
+    corpus = build_corpus(task, config, config.steps * config.batch_size)
+    tokenizer = train_tokenizer(task, corpus, config.vocab_size)
+    model = build_model(tokenizer, config)
+    trainer = make_trainer(model, tokenizer, corpus, config, tmp_path)
+    sampler = trainer._get_train_sampler()
+    assert sampler.seed == 3
+    groups = list(sampler)
+    steps = [sum(groups[i:i + 4], []) for i in range(0, len(groups), 4)]
+    assert len(steps) == config.steps and all(len(set(s)) == config.batch_size for s in steps)
+    assert sorted(sum(steps, [])) == list(range(len(corpus)))
+    assert steps[0] != list(range(config.batch_size))  # shuffled
+    dataset, collate = trainer.train_dataset, trainer.data_collator
+    micro = [collate([dataset[i] for i in group]) for group in groups[:4]]
+    whole = collate([dataset[i] for i in steps[0]])
+    assert sum(b["input_ids"].numel() for b in micro) < whole["input_ids"].numel()
+
+    model.train()
+    model(**whole).loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    samples, items = trainer.get_batch_samples(iter(micro), 4, torch.device("cpu"))
+    for batch in samples:
+        trainer.training_step(model, batch, items)
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, expected[name], rtol=1e-4, atol=1e-7), name
