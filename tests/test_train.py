@@ -216,3 +216,29 @@ def test_group_by_length_reaches_the_trainer_sampler(tmp_path):
     assert sft_args(TrainConfig(), tmp_path).train_sampling_strategy == "random"
     grouped = sft_args(TrainConfig(group_by_length=True), tmp_path)
     assert grouped.train_sampling_strategy == "group_by_length"
+
+
+def test_balance_lengths_splits_random_steps_by_length_and_trains(built_run, tiny_model_dir,
+                                                                  tmp_path):
+    from transformers import AutoTokenizer
+    from transformers.trainer_pt_utils import BatchRebalanceSampler
+
+    from backtrack.train import load_arm_dataset, make_trainer
+
+    out = fresh_run(built_run, tmp_path)
+    config = TrainConfig(output_dir=str(out), model=str(tiny_model_dir), arm="rft_bt", seed=5,
+                         **{**FAST, "gradient_accumulation_steps": 2, "balance_lengths": True})
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    dataset = load_arm_dataset(out / "sft", "rft_bt", tokenizer)
+    sampler = make_trainer(config, str(tiny_model_dir), tokenizer, dataset)._get_train_sampler()
+    assert isinstance(sampler, BatchRebalanceSampler) and sampler.seed == 5  # not transformers' 42
+    groups = list(sampler)
+    steps = [groups[i] + groups[i + 1] for i in range(0, len(groups) - 1, 2)]
+    assert all(len(set(step)) == 4 for step in steps)  # per_device 2 x 2 accumulation steps
+    lengths = [len(row) for row in dataset["input_ids"]]
+    first, second = groups[0], groups[1]
+    assert min(lengths[i] for i in first) >= max(lengths[i] for i in second)  # split by length
+    main(config)
+    _assert_trained_model(out / "models" / "rft_bt", tiny_model_dir)
+    with pytest.raises(UserError, match="group_by_length"):
+        TrainConfig(balance_lengths=True, group_by_length=True).validate()

@@ -195,29 +195,6 @@ def _time_cap_callback(max_minutes: float):
     return TimeCap()
 
 
-def _sampling_strategy(config: ToyBaseConfig) -> str:
-    if config.length_grouped:
-        return "group_by_length"
-    return "batch_rebalance" if config.micro_batches > 1 else "random"
-
-
-def _toy_trainer_class():
-    from transformers import Trainer
-    from transformers.trainer_pt_utils import BatchRebalanceSampler
-
-    class ToyTrainer(Trainer):
-        """Trainer whose batch_rebalance sampler shuffles with the run's seed (transformers
-        leaves it at its default of 42 whatever `args.seed` says)."""
-
-        def _get_train_sampler(self, train_dataset=None):
-            sampler = super()._get_train_sampler(train_dataset)
-            if isinstance(sampler, BatchRebalanceSampler):
-                sampler.seed = self.args.seed
-            return sampler
-
-    return ToyTrainer
-
-
 def make_trainer(model, tokenizer, corpus, config: ToyBaseConfig, work_dir: Path,
                  **training_args):
     """The HF Trainer for the toy base (`training_args` override TrainingArguments: the
@@ -225,9 +202,12 @@ def make_trainer(model, tokenizer, corpus, config: ToyBaseConfig, work_dir: Path
     import torch
     from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
+    from transformers import Trainer
+
+    from backtrack.batching import sampling_strategy, with_seeded_rebalance
     from backtrack.toy_packing import PackingCollator
 
-    trainer_class = _toy_trainer_class()
+    trainer_class = with_seeded_rebalance(Trainer)
 
     torch.set_num_threads(config.threads or max(1, min(os.cpu_count() or 1, 8)))
     tokenizer.padding_side = "right"  # training pads on the right; generation on the left
@@ -242,7 +222,8 @@ def make_trainer(model, tokenizer, corpus, config: ToyBaseConfig, work_dir: Path
         "logging_steps": max(1, config.steps // 50), "save_strategy": "no",
         "save_total_limit": 1, "report_to": [], "use_cpu": True, "seed": config.seed,
         "dataloader_num_workers": 0, "disable_tqdm": True, "torch_compile": config.torch_compile,
-        "train_sampling_strategy": _sampling_strategy(config),
+        "train_sampling_strategy": sampling_strategy(config.length_grouped,
+                                                     config.micro_batches > 1),
         **training_args})
     collator = (PackingCollator(tokenizer.pad_token_id, config.pack_length) if config.pack_length
                 else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))

@@ -53,6 +53,11 @@ class TrainConfig(CommonConfig):
     group_by_length: bool = option(False, "Batch examples of similar length together "
                                           "(transformers' LengthGroupedSampler): less padding, "
                                           "other batches than random ones.")
+    balance_lengths: bool = option(False, "Draw each optimizer step's per_device_batch_size x "
+                                          "gradient_accumulation_steps examples at random, then "
+                                          "split them into micro-batches of similar length "
+                                          "(transformers' batch_rebalance sampler): the same "
+                                          "examples and loss per step, less padding.")
     save_steps: int = option(100, "Write a checkpoint every N optimizer steps.")
     save_total_limit: int = option(2, "Checkpoints kept on disk (oldest deleted).")
     logging_steps: int = option(10, "Log loss and learning rate every N steps.")
@@ -75,6 +80,9 @@ class TrainConfig(CommonConfig):
                      "save_steps", "logging_steps", "lora_r"):
             if getattr(self, name) < 1:
                 raise UserError(f"option '{name}': must be at least 1")
+        if self.balance_lengths and self.group_by_length:
+            raise UserError("option 'balance_lengths': set group_by_length false with it "
+                            "(each orders the examples its own way)")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise UserError("option 'epochs': must be positive when max_steps is not set")
 
@@ -116,6 +124,8 @@ def sft_args(config: TrainConfig, checkpoint_dir: Path):
     import torch
     from trl import SFTConfig
 
+    from backtrack.batching import sampling_strategy
+
     cuda = torch.cuda.is_available()
     # TRL defaults checkpointing to on; transformers 5 renamed the field.
     checkpointing = ("activation_checkpointing" if hasattr(SFTConfig, "activation_checkpointing")
@@ -143,13 +153,15 @@ def sft_args(config: TrainConfig, checkpoint_dir: Path):
         bf16=cuda and torch.cuda.is_bf16_supported(),
         seed=config.seed,
         data_seed=config.seed,
-        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        train_sampling_strategy=sampling_strategy(config.group_by_length, config.balance_lengths),
     )
 
 
 def make_trainer(config: TrainConfig, model_path: str, tokenizer, dataset):
     """An SFTTrainer on the base model (a PEFT LoRA wrapper when `use_lora`)."""
     from trl import SFTTrainer
+
+    from backtrack.batching import with_seeded_rebalance
 
     peft_config = None
     if config.use_lora:
@@ -161,7 +173,7 @@ def make_trainer(config: TrainConfig, model_path: str, tokenizer, dataset):
             target_modules=targets[0] if targets == ["all-linear"] else targets,
             task_type="CAUSAL_LM")
     checkpoint_dir = RunLayout.of(config).checkpoints(config.arm)
-    return SFTTrainer(model=model_path, args=sft_args(config, checkpoint_dir),
+    return with_seeded_rebalance(SFTTrainer)(model=model_path, args=sft_args(config, checkpoint_dir),
                       train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
 
 
