@@ -69,6 +69,9 @@ class RunConfig(CommonConfig):
                           "assumed done).", hashed=False)
     force: bool = option(False, "Re-run the selected stages even when their output exists.",
                          hashed=False)
+    jobs: int = option(1, "Steps run at once: with N > 1, steps whose inputs are ready (the "
+                       "arms' trainings, their evaluations) run side by side in N processes, "
+                       "the CPU threads split between them (pipeline_jobs.py).", hashed=False)
     accelerate_config: str = option("", "Run the train steps as `accelerate launch "
                                     "--config_file <this>` subprocesses (multi-GPU); empty = "
                                     "in this process.", hashed=False)
@@ -81,6 +84,11 @@ class RunConfig(CommonConfig):
         if unknown:
             raise UserError(f"option 'stages': unknown stage(s) {unknown} (known: "
                             f"{list(ALL_STAGES)})")
+        if self.jobs < 1:
+            raise UserError("option 'jobs': must be at least 1")
+        if self.jobs > 1 and self.accelerate_config:
+            raise UserError("option 'jobs': set it to 1 with accelerate_config (the trainings "
+                            "then run on every GPU, one at a time)")
         evaluations = validate_evaluations(self.arms)
         iterated_arms(required_arms([e.arm.name for e in evaluations]), self.iterations)
 
@@ -299,40 +307,65 @@ def _is_done(step: Step, marker: dict | None, digest: str) -> bool:
 
 
 def run_steps(config: RunConfig, steps: list[Step], share: StepShare | None = None) -> dict:
-    """Run the selected steps in order, skipping done ones; returns per-step timings.
+    """Run the selected steps in order (`jobs` > 1: ready ones side by side), skipping done
+    ones; returns per-step timings.
 
     With a `share` (a study's), a step of a shared stage whose digest another run has computed
     is linked from there instead of run, and one run here is published there."""
     layout = RunLayout.of(config)
     hashes = step_digests(steps)
     timings: dict[str, dict] = {}
-    for step in steps:
-        digest = hashes[step.name]
-        marker_path = layout.markers / f"{step.name}.json"
-        marker = read_json(marker_path)
-        done = _is_done(step, marker, digest)
-        if step.stage not in config.stages or (done and not config.force):
-            why = "done" if done else "not selected"
-            print(f"[run] {step.name}: skipped ({why})", flush=True)
-            timings[step.name] = {"status": "skipped", "seconds": 0.0}
-            continue
+
+    def settle(step: Step) -> bool:
+        timing = _skip_or_link(step, hashes[step.name], config, layout, share)
+        if timing:
+            timings[step.name] = timing
+        return timing is not None
+
+    def launch_args(step: Step) -> tuple:
         sharing = share is not None and step.stage in SHARED_STAGES
-        if sharing and not config.force and share.complete(step.name, digest):
-            folder = share.link(step, digest, layout)
-            write_json(marker_path, {"config_hash": digest, "seconds": 0.0, "shared": str(folder),
-                                     "linked": True,
-                                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-            timings[step.name] = {"status": "linked", "seconds": 0.0}
-            print(f"[run] {step.name}: linked from {folder}", flush=True)
-            continue
-        seconds, folder = _run_step(step, digest, marker, config, layout,
-                                    share if sharing else None)
-        write_json(marker_path, {"config_hash": digest, "seconds": round(seconds, 2),
-                                 **({"shared": str(folder)} if folder else {}),
-                                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        marker = read_json(layout.markers / f"{step.name}.json")
+        return step, hashes[step.name], marker, config, layout, share if sharing else None
+
+    def finish(step: Step, result: tuple) -> None:
+        seconds, folder = result
+        write_json(layout.markers / f"{step.name}.json", {
+            "config_hash": hashes[step.name], "seconds": round(seconds, 2),
+            **({"shared": str(folder)} if folder else {}),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         timings[step.name] = {"status": "ran", "seconds": round(seconds, 2)}
         print(f"[run] {step.name}: done in {_fmt(seconds)}", flush=True)
+
+    if config.jobs > 1:
+        from backtrack.pipeline_jobs import run_parallel
+
+        run_parallel(steps, config.jobs, settle, launch_args, _run_step, finish)
+        return {s.name: timings[s.name] for s in steps if s.name in timings}
+    for step in steps:
+        if not settle(step):
+            finish(step, _run_step(*launch_args(step)))
     return timings
+
+
+def _skip_or_link(step: Step, digest: str, config: RunConfig, layout: RunLayout,
+                  share: StepShare | None) -> dict | None:
+    """The timing of a step that needs no run (done, not selected, or linked from a study's
+    share), or None when it must run."""
+    marker_path = layout.markers / f"{step.name}.json"
+    done = _is_done(step, read_json(marker_path), digest)
+    if step.stage not in config.stages or (done and not config.force):
+        why = "done" if done else "not selected"
+        print(f"[run] {step.name}: skipped ({why})", flush=True)
+        return {"status": "skipped", "seconds": 0.0}
+    sharing = share is not None and step.stage in SHARED_STAGES
+    if sharing and not config.force and share.complete(step.name, digest):
+        folder = share.link(step, digest, layout)
+        write_json(marker_path, {"config_hash": digest, "seconds": 0.0, "shared": str(folder),
+                                 "linked": True,
+                                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        print(f"[run] {step.name}: linked from {folder}", flush=True)
+        return {"status": "linked", "seconds": 0.0}
+    return None
 
 
 def _run_step(step: Step, digest: str, marker: dict | None, config: RunConfig,

@@ -68,7 +68,8 @@ class ToyBaseConfig(CommonConfig):
     loss_on_errors: bool = option(False, "Also train on wrong steps (teaches making slips).")
     loss_on_phrases: bool = option(False, "Also train on retry phrases (the base model then "
                                           "says them unprompted, often at the wrong place).")
-    threads: int = option(0, "CPU threads for torch; 0 = all cores.", hashed=False)
+    threads: int = option(0, "CPU threads for torch; 0 = $OMP_NUM_THREADS if set, else all "
+                             "cores (up to 8).", hashed=False)
     pack_length: int = option(0, "Pack each batch's transcripts into rows of this many tokens "
                                  "(no padding; attention stays within a transcript); 0 = pad "
                                  "each batch to its longest transcript.")
@@ -209,7 +210,8 @@ def make_trainer(model, tokenizer, corpus, config: ToyBaseConfig, work_dir: Path
 
     trainer_class = with_seeded_rebalance(Trainer)
 
-    torch.set_num_threads(config.threads or max(1, min(os.cpu_count() or 1, 8)))
+    torch.set_num_threads(config.threads or int(os.environ.get("OMP_NUM_THREADS") or 0)
+                          or max(1, min(os.cpu_count() or 1, 8)))
     tokenizer.padding_side = "right"  # training pads on the right; generation on the left
     args = TrainingArguments(**{
         "output_dir": str(work_dir / "trainer"),
