@@ -22,7 +22,10 @@ from typing import Callable
 
 
 def _threads(running: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(1, running))
+    """Threads per step with `running` steps in flight: $OMP_NUM_THREADS (else every core)
+    split between them."""
+    total = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
+    return max(1, total // max(1, running))
 
 
 def _work(run_step: Callable, args: tuple, threads: int):
