@@ -74,3 +74,53 @@ def test_jobs_is_checked():
         pipeline.RunConfig(jobs=0).validate()
     with pytest.raises(UserError, match="accelerate_config"):
         pipeline.RunConfig(jobs=2, accelerate_config="zero2.yaml").validate()
+
+
+def linger(config) -> None:
+    """A stand-in stage main that writes its pid, then runs for a minute."""
+    with open(os.path.join(config.output_dir, f"pid-{config.seed}"), "w") as handle:
+        handle.write(str(os.getpid()))
+    time.sleep(60)
+
+
+RUN_LINGERING = """
+import sys
+sys.path.insert(0, {tests!r})
+from backtrack import pipeline
+from backtrack.sample import SampleConfig
+from test_pipeline_jobs import linger
+steps = [pipeline.Step(n, "sample", SampleConfig(output_dir={out!r}, seed=i), linger, [])
+         for i, n in enumerate(["a", "b"])]
+pipeline.run_steps(pipeline.RunConfig(output_dir={out!r}, jobs=2), steps)
+"""
+
+
+def test_a_killed_run_leaves_no_worker_running(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = RUN_LINGERING.format(tests=str(Path(__file__).parent), out=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    pid_files = [tmp_path / "pid-0", tmp_path / "pid-1"]
+    deadline = time.time() + 60
+    while not all(p.is_file() and p.read_text() for p in pid_files):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    workers = [int(p.read_text()) for p in pid_files]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    deadline = time.time() + 10
+    while any(os.path.exists(f"/proc/{w}") and "zombie" not in _state(w) for w in workers):
+        assert time.time() < deadline, "a worker outlived the killed run"
+        time.sleep(0.1)
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            return next(line for line in handle if line.startswith("State:")).lower()
+    except (OSError, StopIteration):
+        return "zombie"

@@ -37,6 +37,17 @@ def _work(run_step: Callable, args: tuple, threads: int):
     return run_step(*args)
 
 
+def _die_with_parent() -> None:
+    """Worker initializer: on Linux, the kernel kills the worker when the run's process dies
+    (a SIGKILLed run must not leave a step writing beside its re-run)."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 def _warm() -> None:
     """Start a worker and import torch in it before its first step needs it."""
     import torch  # noqa: F401
@@ -52,7 +63,8 @@ def run_parallel(steps: list, jobs: int, settle: Callable, launch_args: Callable
     names = {step.name for step in steps}
     pending, ended, running = list(steps), set(), {}
     context = multiprocessing.get_context("spawn")  # no forked torch threads or locks
-    with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+    with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context,
+                                     initializer=_die_with_parent) as pool:
         for _ in range(jobs):  # every worker now: a step that starts later starts warm
             pool.submit(_warm)
         failure = None
