@@ -203,9 +203,7 @@ def make_trainer(model, tokenizer, corpus, config: ToyBaseConfig, work_dir: Path
     """The HF Trainer for the toy base (`training_args` override TrainingArguments: the
     benchmark tries levers with them)."""
     import torch
-    from transformers import DataCollatorForSeq2Seq, TrainingArguments
-
-    from transformers import Trainer
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from backtrack.batching import sampling_strategy, with_seeded_rebalance
     from backtrack.toy_packing import PackingCollator
