@@ -49,6 +49,12 @@ class BuildConfig(CommonConfig):
     s2r: dict = option({}, "S²R data options for the s2r arms (`methods/s2r_data.py` "
                        "S2RDataConfig), e.g. {right_first_share: 0.5, max_wrong_attempts: 3}.",
                        arms=("s2r_sft",))
+    retry_data: dict = option(
+        {}, "retry_sft / gold_sft: how the task's reference solutions are written with "
+        "self-corrections, as the toy corpus writes them (`methods/retry_data.py`): the toy "
+        "corpus options correction_rate, late_share, retry_phrases, max_slip, slip_kinds, "
+        "redo_from, loss_on_errors, loss_on_phrases (defaults: `backtrack toy-base`'s), and "
+        "per_problem (transcripts per problem, default 2).", arms=("retry_sft", "gold_sft"))
     confirm_share: float = option(
         0.5, "rft_bt_confirm: share of confirm traces (a right first attempt, the phrase, the "
         "same answer confirmed) among its examples that carry the phrase; 0.5 = as many as "
@@ -117,13 +123,15 @@ class BuildContext:
 
 @dataclass
 class Example:
-    """One SFT example before tokenisation; `loss_from` = first completion char with loss."""
+    """One SFT example before tokenisation; `loss_from` = first completion char with loss,
+    `no_loss` = further (start, end) character spans of the completion without loss."""
 
     problem_id: str
     source: str  # "rft", "bt" (wrong -> right), "fix" (clean corrected), "confirm" (right -> right)
     prompt: str
     completion: str
     loss_from: int = 0
+    no_loss: tuple = ()
 
 
 def tokenizer_identity(tokenizer) -> dict:
@@ -188,12 +196,15 @@ def tokenize_example(tokenizer, example: Example, end_of_turn: str) -> dict:
     """`input_ids` = prompt ids + completion ids; `completion_mask` marks loss tokens.
 
     The prompt is tokenised alone (as at inference). A completion token carries loss when it
-    ends after `loss_from`, so a token straddling the wrong/phrase boundary is trained on.
+    ends after `loss_from`, so a token straddling the wrong/phrase boundary is trained on, and
+    does not start inside a `no_loss` span (the toy corpus's rule for its masked pieces).
     """
     prompt_ids = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
     completion = example.completion + end_of_turn
     encoded = tokenizer(completion, add_special_tokens=False, return_offsets_mapping=True)
-    mask = [1 if end > example.loss_from else 0 for _, end in encoded["offset_mapping"]]
+    mask = [1 if end > example.loss_from
+            and not any(lo <= start < hi for lo, hi in example.no_loss) else 0
+            for start, end in encoded["offset_mapping"]]
     return {
         "problem_id": example.problem_id,
         "source": example.source,

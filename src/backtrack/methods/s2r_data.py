@@ -342,7 +342,7 @@ def build_s2r_examples(samples: list[dict], backtracks: list[dict], verify: Veri
         steps = [(a.text, a.verification, a.correct) for a in attempts]
         completion, segments = render_trajectory(steps, config)
         prompt = prompt_text(tokenizer, prompts[pid], where)
-        examples.append(S2RExample(pid, "s2r", prompt, completion, 0, segments))
+        examples.append(S2RExample(pid, "s2r", prompt, completion, segments=segments))
         histogram[len(attempts) - 1] = histogram.get(len(attempts) - 1, 0) + 1
     right_first = histogram.get(0, 0)
     stats = {**check_stats,
