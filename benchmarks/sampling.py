@@ -43,6 +43,7 @@ LEVERS = {
     "attend_filled+compile": {"attend_filled": True, "compile": True},
     "compact": {"cache": "dynamic", "decode": "compact"},
     "compact+eager": {"cache": "dynamic", "decode": "compact", "attn_implementation": "eager"},
+    "compact+shared_prefix": {"cache": "dynamic", "decode": "compact", "shared_prefix": True},
 }
 DEFAULT_LEVERS = [name for name in LEVERS if "compile" not in name]
 

@@ -97,6 +97,10 @@ def test_compile_and_filled_attention_build_the_generate_options(engines):
     ({"attend_filled": True, "cache": "dynamic"}, "'attend_filled' needs cache: static"),
     ({"compile": 1}, "option 'compile' must be true or false"),
     ({"decode": "fast"}, "option 'decode' must be one of"),
+    ({"shared_prefix": 1, "decode": "compact"}, "option 'shared_prefix' must be true or false"),
+    ({"shared_prefix": True}, "option 'shared_prefix' needs decode: compact"),
+    ({"shared_prefix": True, "decode": "compact", "attn_implementation": "eager"},
+     "option 'shared_prefix' needs decode: compact and no attn_implementation"),
 ])
 def test_bad_option_values_are_user_errors(engines, options, message):
     with pytest.raises(UserError, match=message):
@@ -170,3 +174,49 @@ def test_top_p_keeps_the_smallest_set_above_p():
     assert 0.55 < (drawn == 0).float().mean() < 0.70  # 0.5 / 0.8 renormalised
     assert set(sample_tokens(logits.clone(), 1.0, 1.0, generator, [0]).tolist()) == {1, 2, 3}
     assert sample_tokens(logits[:1].clone(), 0, 1.0, generator, []).tolist() == [0]
+
+
+def test_shared_prefix_gives_the_tokens_of_n_prompt_copies(engines):
+    """A prompt's cache held once for its n samples (grouped-query attention: the tiny model
+    has 4 heads on 2 KV heads), rows ending at different steps and prompts of different
+    lengths leaving the batch: the same sampled tokens as n cache copies, and the model keeps
+    its own attention."""
+    from collections import Counter
+
+    from backtrack.chat import render_prompt
+
+    free = token_ids(_varied(engines()), "greedy")
+    token = Counter(t for row in free for ids in row for t in ids[1:]).most_common(1)[0][0]
+    shared, copies = (_ending_at(_varied(engines(decode="compact", **o)), token)
+                      for o in ({"shared_prefix": True}, {}))
+    own = shared.model.config._attn_implementation
+    prompts = [render_prompt(shared.tokenizer, [{"role": "user", "content": q}])
+               for q in QUESTIONS]
+    for seed in (3, 4):
+        params = GenerationParams(n=4, temperature=1.0, max_new_tokens=12, seed=seed)
+        got = [[c.token_ids for c in row] for row in shared.generate(prompts, params)]
+        assert got == [[c.token_ids for c in row] for row in copies.generate(prompts, params)]
+        assert len({len(ids) for row in got for ids in row}) > 2  # rows ended apart
+    assert shared.model.config._attn_implementation == own
+
+
+def test_shared_prefix_drops_prompts_left_without_rows():
+    """Rows 0-5 are prompts 0-2 x 2 samples; keeping rows 1, 4, 5 drops prompt 1's keys,
+    values and padding mask and renumbers prompt 2 as 1."""
+    import torch
+    from transformers import DynamicCache
+
+    from backtrack.engines.hf_prefix import SharedPrefix
+
+    cache = DynamicCache()
+    keys = torch.arange(3.0)[:, None, None, None].expand(3, 2, 4, 5).contiguous()
+    cache.update(keys, keys + 10, 0)
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1]])
+    prefix = SharedPrefix(cache, mask, 2, torch.float32)
+    assert prefix.group.tolist() == [0, 0, 1, 1, 2, 2] and prefix.slot.tolist() == [0, 1] * 3
+    prefix.keep(torch.tensor([1, 4, 5]))
+    assert prefix.group.tolist() == [0, 1, 1] and prefix.slot.tolist() == [1, 0, 1]
+    assert prefix.keys[0][:, 0, 0, 0].tolist() == [0.0, 2.0]  # prompts 0 and 2
+    assert prefix.values[0][:, 0, 0, 0].tolist() == [10.0, 12.0]
+    assert (prefix.bias[:, 0, 0] < 0).tolist() == [[True, False, False, False],
+                                                  [True, True, False, False]]

@@ -11,6 +11,8 @@ the filled part of the static cache (see `hf_attention`), `compile` compiles the
 off CUDA too (transformers already compiles it on CUDA when the cache is static).
 `decode: compact` replaces `generate` by a loop that drops finished rows from the batch and
 its cache (`hf_decode`): other tokens for a seed than `generate`'s, same distribution.
+`shared_prefix` (with `decode: compact`) keeps each prompt's cached keys and values once for
+its n samples instead of n copies (`hf_prefix`): the same attention, summed in another order.
 """
 
 from __future__ import annotations
@@ -47,13 +49,14 @@ class HFEngine(Engine):
     makes attention read the filled cache slots only: reading the whole static cache is the
     largest cost of a small model's decode step on CPU. `compile` compiles the decode step with
     transformers' CompileConfig off CUDA too (on CUDA transformers already compiles a static-
-    cache decode); it pays about a minute per process on the toy model."""
+    cache decode); it pays about a minute per process on the toy model. `shared_prefix`
+    (`decode: compact` only) holds a prompt's KV cache once for its n samples (`hf_prefix`)."""
 
     def __init__(self, model_path: str, device: str | None = None, dtype: str | None = None,
                  batch_size: int = 64, share_prefill: bool = True, num_threads: int | None = None,
                  cache: str = "static", attn_implementation: str | None = None,
                  attend_filled: bool = False, compile: bool = False, decode: str = "generate",
-                 model=None, tokenizer=None):
+                 shared_prefix: bool = False, model=None, tokenizer=None):
         import torch
         from transformers import GenerationConfig
 
@@ -86,6 +89,13 @@ class HFEngine(Engine):
             raise UserError(f"engine 'hf': option 'decode' must be one of {list(DECODERS)}, "
                             f"got {decode!r}")
         self.decode = decode
+        if not isinstance(shared_prefix, bool):
+            raise UserError(f"engine 'hf': option 'shared_prefix' must be true or false, "
+                            f"got {shared_prefix!r}")
+        if shared_prefix and (decode != "compact" or self.attention is not None):
+            raise UserError("engine 'hf': option 'shared_prefix' needs decode: compact and no "
+                            "attn_implementation / attend_filled (it brings its own attention)")
+        self.shared_prefix = shared_prefix
 
     def _resolve_attention(self, implementation: str | None, attend_filled: bool) -> str | None:
         """The attention implementation to generate with (None: the model's own, untouched)."""
@@ -170,10 +180,13 @@ class HFEngine(Engine):
 
         from backtrack.engines.hf_decode import compact_decode
 
-        width, cache = input_ids.shape[1], None
+        width, cache, prefix = input_ids.shape[1], None, None
         suppress = [] if self.pad_id in self._eos_set else [self.pad_id]
-        with torch.inference_mode(), self._attention_scope():
-            if params.n > 1 and self.share_prefill and width > 1:
+        shared = self.shared_prefix and params.n > 1 and width > 1
+        with torch.inference_mode(), self._attention_scope(shared):
+            if shared:
+                input_ids, mask, prefix = self._prefix_prefill(input_ids, mask, params.n)
+            elif params.n > 1 and self.share_prefill and width > 1:
                 input_ids, mask, cache = self._shared_prefill(input_ids, mask, params.n, 0,
                                                               dynamic=True)
             elif params.n > 1:
@@ -181,8 +194,23 @@ class HFEngine(Engine):
                 mask = mask.repeat_interleave(params.n, dim=0)
             generated = compact_decode(self.model, input_ids, mask, cache,
                                        params.max_new_tokens, self.eos_ids, params.temperature,
-                                       params.top_p, suppress, seed)
+                                       params.top_p, suppress, seed, prefix=prefix)
         return [self._to_completion(ids, []) for ids in generated]
+
+    def _prefix_prefill(self, input_ids, mask, n: int):
+        """The prompts run once (all but their last token) into a `SharedPrefix`; the rows
+        (n per prompt) for the decode loop."""
+        from transformers import DynamicCache
+
+        from backtrack.engines.hf_prefix import SharedPrefix
+
+        prefill = DynamicCache(config=self.model.config)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        self.model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1],
+                   position_ids=position_ids[:, :-1], past_key_values=prefill, use_cache=True,
+                   logits_to_keep=1)
+        prefix = SharedPrefix(prefill, mask[:, :-1], n, self.model.dtype)
+        return input_ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0), prefix
 
     def _compile_kwargs(self) -> dict:
         """generate() options for compiling the decode step (or keeping it uncompiled)."""
@@ -201,13 +229,17 @@ class HFEngine(Engine):
         return {}
 
     @contextmanager
-    def _attention_scope(self):
-        """Generate with `self.attention`, then give the model back its own implementation."""
+    def _attention_scope(self, shared_prefix: bool = False):
+        """Generate with `self.attention` (or the shared-prefix attention), then give the
+        model back its own implementation."""
+        from backtrack.engines.hf_prefix import register
+
         own = self.model.config._attn_implementation
-        if self.attention is None or self.attention == own:
+        attention = register() if shared_prefix else self.attention
+        if attention is None or attention == own:
             yield
             return
-        self.model.set_attn_implementation(self.attention)
+        self.model.set_attn_implementation(attention)
         try:
             yield
         finally:

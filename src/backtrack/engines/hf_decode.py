@@ -64,6 +64,24 @@ class PreallocatedLayer(DynamicLayer):
         self._views()
 
 
+def own_tokens_cache(model, prefix, rows: int):
+    """An empty per-row cache beside a shared prompt prefix (its layers become
+    PreallocatedLayers below, like a prefilled cache's)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    cache.layers = [_empty_layer(keys, rows) for keys in prefix.keys]
+    return cache
+
+
+def _empty_layer(like, rows: int) -> DynamicLayer:
+    layer = DynamicLayer()
+    layer.lazy_initialization(like, like)
+    layer.keys = like.new_empty((rows, like.shape[1], 0, like.shape[3]))
+    layer.values = like.new_empty((rows, like.shape[1], 0, like.shape[3]))
+    return layer
+
+
 def sample_tokens(logits, temperature: float, top_p: float, generator, suppress: list[int]):
     """Next token per row from last-position logits [rows, vocab] (generate's warpers)."""
     import torch
@@ -84,18 +102,25 @@ def sample_tokens(logits, temperature: float, top_p: float, generator, suppress:
 
 
 def compact_decode(model, input_ids, mask, cache, max_new_tokens: int, eos_ids: list[int],
-                   temperature: float, top_p: float, suppress: list[int], seed: int
-                   ) -> list[list[int]]:
+                   temperature: float, top_p: float, suppress: list[int], seed: int,
+                   prefix=None) -> list[list[int]]:
     """New token ids per row (the ending EOS included) for left-padded `input_ids`.
 
     `cache` is a DynamicCache holding every prompt token but the last (as the engine's shared
-    prefill leaves it), or None to prefill here. Rows leave the batch when they emit an EOS id
+    prefill leaves it), or None to prefill here. With `prefix` (`hf_prefix.SharedPrefix`) the
+    prompts' tokens but the last are held there once per prompt instead, `cache` is None, and
+    the model must run `hf_prefix`'s attention. Rows leave the batch when they emit an EOS id
     or reach `max_new_tokens`."""
     import torch
     from transformers import DynamicCache
 
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    if cache is None:
+    extra = {}
+    if prefix is not None:
+        cache, extra = own_tokens_cache(model, prefix, input_ids.shape[0]), {
+            "shared_prefix": prefix}
+        mask = mask.new_ones((input_ids.shape[0], 1))  # a row's own tokens: never padding
+    elif cache is None:
         cache = DynamicCache(config=model.config)
         if input_ids.shape[1] > 1:
             model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1],
@@ -111,7 +136,7 @@ def compact_decode(model, input_ids, mask, cache, max_new_tokens: int, eos_ids: 
     current, position = input_ids[:, -1:], positions[:, -1:]
     for step in range(max_new_tokens):
         logits = model(input_ids=current, attention_mask=mask, position_ids=position,
-                       past_key_values=cache, use_cache=True).logits[:, -1, :]
+                       past_key_values=cache, use_cache=True, **extra).logits[:, -1, :]
         chosen = sample_tokens(logits, temperature, top_p, generator, suppress)
         for row, token, ended in zip(rows.tolist(), chosen.tolist(), done.tolist()):
             if not ended:
@@ -126,6 +151,8 @@ def compact_decode(model, input_ids, mask, cache, max_new_tokens: int, eos_ids: 
         if int(done.sum()) * 8 >= len(rows):
             keep = (~done).nonzero().squeeze(1)
             cache.batch_select_indices(keep)
+            if prefix is not None:
+                prefix.keep(keep)
             rows, mask, current, position = rows[keep], mask[keep], current[keep], position[keep]
             done = done[keep]
     return tokens

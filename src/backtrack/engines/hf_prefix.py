@@ -1,0 +1,103 @@
+"""Shared-prefix attention for `decode: compact`: a prompt's keys and values held once for its
+n samples (the hf engine's `shared_prefix` option).
+
+With n samples per prompt the KV cache holds every prompt n times, and each decode step reads
+all of it: on a CPU that read, not the matmuls, is most of a small model's attention time
+(eval decodes 16 samples of each 50-token prompt, so ~60 % of the cache is prompt copies).
+Here the prompt part stays one copy per prompt ([prompts, kv heads, prompt length, dim]) and
+each row's own tokens go in the usual per-row cache. A decode step scores a row's query against
+its prompt's keys (the n queries of one prompt in one matmul) and against its own keys, takes
+one softmax over both, and adds the two weighted sums: the same attention, summed in another
+order. This is cascade attention (FlashInfer, vLLM); transformers has no such attention for a
+batch, so it is registered through its `AttentionInterface` and fed through the model's forward
+kwargs (`shared_prefix=`), which transformers passes on to the attention function.
+"""
+
+from __future__ import annotations
+
+NAME = "backtrack_shared_prefix"
+
+
+class SharedPrefix:
+    """The prompts' cached keys and values (all prompt tokens but the last, as the engine's
+    shared prefill leaves them), their padding as an additive mask, and which prompt (`group`)
+    and which of its n samples (`slot`) each decoded row is."""
+
+    def __init__(self, prefill_cache, prompt_mask, n: int, dtype):
+        import torch
+
+        self.keys = [layer.keys for layer in prefill_cache.layers]
+        self.values = [layer.values for layer in prefill_cache.layers]
+        prompts = prompt_mask.shape[0]
+        self.bias = torch.zeros(prompt_mask.shape, dtype=dtype, device=prompt_mask.device)
+        self.bias.masked_fill_(prompt_mask == 0, torch.finfo(dtype).min)
+        self.bias = self.bias[:, None, None, :]  # [prompts, 1, 1, prompt length]
+        self.n = n
+        rows = torch.arange(prompts * n, device=prompt_mask.device)
+        self.group, self.slot = rows // n, rows % n
+
+    def keep(self, indices) -> None:
+        """Keep rows `indices` (ascending); prompts left without a row are dropped too."""
+        import torch
+
+        group = self.group[indices]
+        alive = torch.unique(group)  # sorted
+        if len(alive) < len(self.bias):
+            self.keys = [k[alive] for k in self.keys]
+            self.values = [v[alive] for v in self.values]
+            self.bias = self.bias[alive]
+            group = torch.searchsorted(alive, group)
+        self.group, self.slot = group, self.slot[indices]
+
+    def _grouped(self, per_row, like):
+        """[rows, ...] -> [prompts, n, ...] (rows in their prompt's slots; empty slots 0)."""
+        out = like.new_zeros((len(self.bias), self.n, *per_row.shape[1:]))
+        out[self.group, self.slot] = per_row
+        return out
+
+
+def register() -> str:
+    """Register (once) the attention and its mask function with transformers; return the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    if NAME not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+        AttentionInterface.register(NAME, shared_prefix_attention)
+    return NAME
+
+
+def shared_prefix_attention(module, query, key, value, attention_mask, scaling: float,
+                            dropout: float = 0.0, shared_prefix: SharedPrefix | None = None,
+                            **kwargs):
+    """Attention of one decode step over the row's prompt (shared) and its own tokens (`key`,
+    `value`: the per-row cache). Without `shared_prefix` (a prefill) it is sdpa."""
+    import torch
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if shared_prefix is None or query.shape[2] != 1:
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask,
+                                               scaling=scaling, dropout=dropout, **kwargs)
+    prefix, layer = shared_prefix, module.layer_idx
+    rows, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    q = query.reshape(rows, kv_heads, heads // kv_heads, dim)  # query heads per kv head
+    # scores against the prompt: the n queries of a prompt against its keys in one matmul
+    grouped = prefix._grouped(q, q).permute(0, 2, 1, 3, 4)  # [P, kv, n, g, dim]
+    grouped = grouped.reshape(len(prefix.bias), kv_heads, -1, dim)
+    on_prompt = torch.matmul(grouped, prefix.keys[layer].transpose(2, 3)) * scaling
+    on_prompt = on_prompt + prefix.bias  # [P, kv, n * g, Tp]
+    on_prompt = on_prompt.reshape(len(prefix.bias), kv_heads, prefix.n, -1, on_prompt.shape[-1])
+    on_prompt = on_prompt.permute(0, 2, 1, 3, 4)[prefix.group, prefix.slot]  # [rows, kv, g, Tp]
+    on_own = torch.matmul(q, key.transpose(2, 3)) * scaling  # [rows, kv, g, T own]
+    weights = torch.cat([on_prompt, on_own], dim=-1).softmax(-1, dtype=torch.float32)
+    weights = weights.to(query.dtype)
+    w_prompt, w_own = weights.split([on_prompt.shape[-1], on_own.shape[-1]], dim=-1)
+    grouped_w = prefix._grouped(w_prompt, w_prompt).permute(0, 2, 1, 3, 4)
+    grouped_w = grouped_w.reshape(len(prefix.bias), kv_heads, -1, w_prompt.shape[-1])
+    from_prompt = torch.matmul(grouped_w, prefix.values[layer])  # [P, kv, n * g, dim]
+    from_prompt = from_prompt.reshape(len(prefix.bias), kv_heads, prefix.n, -1, dim)
+    from_prompt = from_prompt.permute(0, 2, 1, 3, 4)[prefix.group, prefix.slot]
+    out = from_prompt + torch.matmul(w_own, value)  # [rows, kv, g, dim]
+    return out.reshape(rows, 1, heads, dim), None
+
