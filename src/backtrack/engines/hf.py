@@ -198,19 +198,23 @@ class HFEngine(Engine):
         return [self._to_completion(ids, []) for ids in generated]
 
     def _prefix_prefill(self, input_ids, mask, n: int):
-        """The prompts run once (all but their last token) into a `SharedPrefix`; the rows
-        (n per prompt) for the decode loop."""
-        from transformers import DynamicCache
-
+        """The prompts run once into a `SharedPrefix` (not repeated); the rows (n per prompt)
+        for the decode loop."""
         from backtrack.engines.hf_prefix import SharedPrefix
+
+        prefix = SharedPrefix(self._prefill(input_ids, mask), mask[:, :-1], n, self.model.dtype)
+        return input_ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0), prefix
+
+    def _prefill(self, input_ids, mask):
+        """A DynamicCache of the prompt batch, all but its last token (the decode's first)."""
+        from transformers import DynamicCache
 
         prefill = DynamicCache(config=self.model.config)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         self.model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1],
                    position_ids=position_ids[:, :-1], past_key_values=prefill, use_cache=True,
                    logits_to_keep=1)
-        prefix = SharedPrefix(prefill, mask[:, :-1], n, self.model.dtype)
-        return input_ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0), prefix
+        return prefill
 
     def _compile_kwargs(self) -> dict:
         """generate() options for compiling the decode step (or keeping it uncompiled)."""
@@ -253,13 +257,9 @@ class HFEngine(Engine):
         written into a preallocated cache: on CPU, growing a dynamic cache by concatenation
         every step costs more than the small model's matmuls.
         """
-        from transformers import DynamicCache, StaticCache
+        from transformers import StaticCache
 
-        prefill = DynamicCache(config=self.model.config)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        self.model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1],
-                   position_ids=position_ids[:, :-1], past_key_values=prefill, use_cache=True,
-                   logits_to_keep=1)
+        prefill = self._prefill(input_ids, mask)
         if self.cache == "static" and not dynamic:
             cache = StaticCache(config=self.model.config, max_cache_len=max_len)
             for index, layer in enumerate(prefill.layers):

@@ -49,9 +49,9 @@ class SharedPrefix:
             group = torch.searchsorted(alive, group)
         self.group, self.slot = group, self.slot[indices]
 
-    def _grouped(self, per_row, like):
+    def _grouped(self, per_row):
         """[rows, ...] -> [prompts, n, ...] (rows in their prompt's slots; empty slots 0)."""
-        out = like.new_zeros((len(self.bias), self.n, *per_row.shape[1:]))
+        out = per_row.new_zeros((len(self.bias), self.n, *per_row.shape[1:]))
         out[self.group, self.slot] = per_row
         return out
 
@@ -83,7 +83,7 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling: 
     kv_heads = key.shape[1]
     q = query.reshape(rows, kv_heads, heads // kv_heads, dim)  # query heads per kv head
     # scores against the prompt: the n queries of a prompt against its keys in one matmul
-    grouped = prefix._grouped(q, q).permute(0, 2, 1, 3, 4)  # [P, kv, n, g, dim]
+    grouped = prefix._grouped(q).permute(0, 2, 1, 3, 4)  # [P, kv, n, g, dim]
     grouped = grouped.reshape(len(prefix.bias), kv_heads, -1, dim)
     on_prompt = torch.matmul(grouped, prefix.keys[layer].transpose(2, 3)) * scaling
     on_prompt = on_prompt + prefix.bias  # [P, kv, n * g, Tp]
@@ -93,11 +93,10 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling: 
     weights = torch.cat([on_prompt, on_own], dim=-1).softmax(-1, dtype=torch.float32)
     weights = weights.to(query.dtype)
     w_prompt, w_own = weights.split([on_prompt.shape[-1], on_own.shape[-1]], dim=-1)
-    grouped_w = prefix._grouped(w_prompt, w_prompt).permute(0, 2, 1, 3, 4)
+    grouped_w = prefix._grouped(w_prompt).permute(0, 2, 1, 3, 4)
     grouped_w = grouped_w.reshape(len(prefix.bias), kv_heads, -1, w_prompt.shape[-1])
     from_prompt = torch.matmul(grouped_w, prefix.values[layer])  # [P, kv, n * g, dim]
     from_prompt = from_prompt.reshape(len(prefix.bias), kv_heads, prefix.n, -1, dim)
     from_prompt = from_prompt.permute(0, 2, 1, 3, 4)[prefix.group, prefix.slot]
     out = from_prompt + torch.matmul(w_own, value)  # [rows, kv, g, dim]
     return out.reshape(rows, 1, heads, dim), None
-
