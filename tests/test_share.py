@@ -99,3 +99,25 @@ def test_a_changed_step_never_writes_into_the_share_it_was_linked_to(tmp_path):
     assert status == "ran" and counter.calls == 2
     assert {p: p.read_text() for p in before} == before  # the old share is untouched
     assert (samples / "records.jsonl").read_text() == '{"temperature": 0.3}\n'
+
+
+def test_a_step_in_another_studys_share_is_imported_not_recomputed(tmp_path):
+    counter = Counter()
+    first = StepShare(tmp_path / "first" / "shared")
+    assert run(tmp_path, "a", counter, first)[0] == "ran"
+    second = StepShare(tmp_path / "second" / "shared", others=(first.root,))
+    status, marker, samples = run(tmp_path, "b", counter, second)
+    assert status == "linked" and counter.calls == 1
+    own = second.folder("sample", marker["config_hash"])
+    assert marker["shared"] == str(own) and (own / MARKER).is_file()
+    source = first.folder("sample", marker["config_hash"]) / "samples" / "records.jsonl"
+    imported = own / "samples" / "records.jsonl"
+    assert os.path.samefile(source, imported)  # hard links: no bytes copied
+    info = json.loads((own / MARKER).read_text())
+    assert info["computed_in"] == str(tmp_path / "a")  # provenance kept
+    import shutil
+    shutil.rmtree(first.root)  # the second study stands on its own
+    assert (samples / "records.jsonl").read_text() == '{"temperature": 0.8}\n'
+    # another config is not in the other share: computed here, the other share untouched
+    assert run(tmp_path, "c", counter, second, temperature=0.5)[0] == "ran"
+    assert counter.calls == 2 and not first.root.exists()

@@ -137,6 +137,9 @@ def test_the_toy_recipe_validates_as_a_study_base(tmp_path):
      "variant 'a': key 'seed_scope': 'model' is not one of"),
     ("seeds: [0]\nvariantz: {}\n", "unknown key 'variantz'"),
     ("seeds: [0]\nvariants: {}\n", "key 'variants' is empty"),
+    ("seeds: [0]\nreuse_shares: [no/such/study/shared]\n",
+     "key 'reuse_shares[0]': no/such/study/shared is not a folder"),
+    ("seeds: [0]\nshare: false\nreuse_shares: [.]\n", "needs share: true"),
 ])
 def test_bad_study_is_one_line_user_error(tmp_path, body, message):
     with pytest.raises(UserError) as info:

@@ -180,3 +180,19 @@ def test_the_toy_study_lists_its_runs(cli_env):
     assert re.search(r"^  toy_base +cache toy/\w+  <- default/seed0, .*, bases/seed0$",
                      result.stdout, re.M)
     assert re.search(r"^  toy_base +2 more, each read by one run$", result.stdout, re.M)
+
+
+def test_dry_run_lists_the_steps_another_studys_share_holds(tmp_path, cli_env):
+    path = _study(tmp_path)
+    plain = _cli(path, cli_env, "--dry-run")
+    assert plain.returncode == 0, plain.stderr
+    sample = sorted(set(re.findall(r"shared/(sample-\w+)", plain.stdout)))[0]
+    other = tmp_path / "other" / "shared"
+    (other / sample).mkdir(parents=True)
+    (other / sample / "share.json").write_text("{}")
+    path.write_text(path.read_text() + f"reuse_shares: [{other}]\n")
+    dry = _cli(path, cli_env, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "1 shared step(s) found in reuse_shares" in dry.stdout
+    assert f"  {sample} <- {other}" in dry.stdout
+    assert not os.path.exists(tmp_path / "out")  # a dry run imports nothing

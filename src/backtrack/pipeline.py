@@ -390,23 +390,27 @@ def _fmt(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
-def run_recipe(recipe_path: str | None, overrides: dict, share_dir: Path | None = None) -> Path:
+def run_recipe(recipe_path: str | None, overrides: dict, share_dir: Path | None = None,
+               reuse: tuple[Path, ...] = ()) -> Path:
     """`backtrack run`: plan from the recipe and the command-line overrides, run, report.
 
-    `share_dir` (a study's `shared/` folder) shares steps with other runs (see share.py)."""
+    `share_dir` (a study's `shared/` folder) shares steps with other runs, `reuse` other
+    studies' share folders it imports complete steps from (see share.py)."""
     from backtrack.runinfo import write_run_info
 
     config, recipe, source, shared = resolve_run(recipe_path, overrides)
     layout = RunLayout.of(config)
     steps = plan(config, recipe, source, shared)
     start = time.perf_counter()
-    timings = run_steps(config, steps, StepShare(Path(share_dir)) if share_dir else None)
+    share = StepShare(Path(share_dir), tuple(reuse)) if share_dir else None
+    timings = run_steps(config, steps, share)
     total = time.perf_counter() - start
     timings["total"] = {"seconds": round(total, 2)}
     write_json(layout.timings, timings)
     write_run_info(layout.output_dir, config, "run", inputs=[source] if source else [],
                    extra={"recipe": source, "overrides": overrides,
                           "share_dir": str(share_dir) if share_dir else None,
+                          "reuse_shares": [str(p) for p in reuse],
                           "steps": {s.name: dataclasses.asdict(s.config) for s in steps},
                           "timings": timings})
     ran = [f"{name} {_fmt(t['seconds'])}" for name, t in timings.items()

@@ -11,6 +11,10 @@ exists. A kill before that rename leaves the step to run again (outputs already 
 the staging folder are lost; `.<step>-<digest>.tmp-*` folders left behind may be deleted); a
 kill after it leaves a complete share that the next attempt links. A share is never written
 through: a run's symlinks are removed before its step runs in the run itself.
+
+A study may also read other studies' share folders (`reuse_shares`): a step complete there,
+with the same digest, is imported (hard links, or copies across file systems) into this
+study's own share before it is linked, so the study stays whole if the other one is deleted.
 """
 
 from __future__ import annotations
@@ -34,15 +38,39 @@ MARKER = "share.json"
 
 @dataclass(frozen=True)
 class StepShare:
-    """The share folder of a study (`<study output_dir>/shared/`)."""
+    """The share folder of a study (`<study output_dir>/shared/`), and other studies' share
+    folders it reads from (`others`, never written)."""
 
     root: Path
+    others: tuple[Path, ...] = ()
 
     def folder(self, name: str, digest: str) -> Path:
         return self.root / f"{name}-{digest}"
 
     def complete(self, name: str, digest: str) -> bool:
-        return (self.folder(name, digest) / MARKER).is_file()
+        """Whether the step is in this share, importing it first from another study's share
+        that has it complete."""
+        if (self.folder(name, digest) / MARKER).is_file():
+            return True
+        for other in self.others:
+            source = other / f"{name}-{digest}"
+            if (source / MARKER).is_file():
+                self._import(source, self.folder(name, digest))
+                return True
+        return False
+
+    def _import(self, source: Path, final: Path) -> None:
+        """Copy another study's complete share into this one, published by one rename."""
+        staging = self.root / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+        shutil.copytree(source, staging, symlinks=True, copy_function=_link_or_copy)
+        try:
+            os.rename(staging, final)
+        except OSError:
+            shutil.rmtree(staging)  # published meanwhile by another process
+            if not (final / MARKER).is_file():
+                raise UserError(f"{final}: exists without {MARKER} (not made by backtrack); "
+                                "move it away") from None
+        print(f"[run] imported the share {source} into {final}", flush=True)
 
     def link(self, step, digest: str, layout: RunLayout) -> Path:
         """Point the run's outputs of `step` at the share; an output the share lacks (e.g.
@@ -88,6 +116,15 @@ class StepShare:
             shutil.rmtree(staging)  # another process published the same step first
         self.link(step, digest, layout)
         return final
+
+
+def _link_or_copy(source: str, dest: str) -> None:
+    """A hard link (no bytes copied; the share's files are never written again), or a copy
+    where the two folders are on different file systems."""
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copy2(source, dest)
 
 
 def _symlink(target: Path, link: Path) -> None:

@@ -70,6 +70,11 @@ class StudyConfig:
     share: bool = option(True, "Compute a step once when runs resolve it identically (same "
                          "config and upstream) and link it into each of them from "
                          "<output_dir>/shared/; false: every run computes its own.")
+    reuse_shares: list = option([], "Share folders of other studies (e.g. "
+                                "runs/study-toy/shared), read before a shared step is "
+                                "computed: a step complete there with the same digest is "
+                                "imported into this study's share (hard links) and linked, "
+                                "not recomputed. Never written. Needs share: true.")
     source: str = option("", "The study file (set when it is read).")
 
 
@@ -151,6 +156,18 @@ def load_study(path: str | Path) -> StudyConfig:
     return config
 
 
+def _check_reuse(config: StudyConfig, path: Path) -> None:
+    own = (Path(config.output_dir) / "shared").resolve()
+    for i, folder in enumerate(config.reuse_shares):
+        where = f"{path}: key 'reuse_shares[{i}]'"
+        if not config.share:
+            raise UserError(f"{where}: reusing other studies' shares needs share: true")
+        if not Path(folder).is_dir():
+            raise UserError(f"{where}: {folder} is not a folder (a study's shared/ folder)")
+        if Path(folder).resolve() == own:
+            raise UserError(f"{where}: {folder} is this study's own share")
+
+
 def _check(config: StudyConfig, path: Path) -> None:
     seeds = [coerce(s, int, f"{path}: key 'seeds[{i}]'") for i, s in enumerate(config.seeds)]
     if not seeds:
@@ -158,6 +175,7 @@ def _check(config: StudyConfig, path: Path) -> None:
     if len(set(seeds)) != len(seeds):
         raise UserError(f"{path}: key 'seeds' lists a seed twice ({seeds})")
     config.seeds = seeds
+    _check_reuse(config, path)
     if not config.variants:
         raise UserError(f"{path}: key 'variants' is empty; use `default: {{}}` for the recipe "
                         "as it is")

@@ -97,6 +97,23 @@ def print_plan(config: StudyConfig, runs: list[Run], mine: list[Run]) -> None:
             print(f"  {step:24s} {alone} {more} read by one run")
     total = sum(len(names) for names in groups.values())
     print(f"{len(groups)} step computations for {total} steps of {len(runs)} runs")
+    _print_reused(config, groups)
+
+
+def _print_reused(config: StudyConfig, groups: dict[tuple[str, str], list[str]]) -> None:
+    """Which shared steps `reuse_shares` holds already (imported, not computed, at run time)."""
+    if not config.reuse_shares:
+        return
+    found = []
+    for _step, where in groups:
+        name = where.removeprefix("shared/")
+        if where.startswith("shared/") and not (Path(config.output_dir) / where).is_dir():
+            source = next((Path(o) for o in config.reuse_shares
+                           if (Path(o) / name / "share.json").is_file()), None)
+            if source:
+                found.append(f"  {name} <- {source}")
+    print(f"{len(found)} shared step(s) found in reuse_shares (imported, not computed)"
+          + (":\n" + "\n".join(found) if found else ""))
 
 
 def write_recipe(config: StudyConfig, run: Run) -> Path:
@@ -125,7 +142,8 @@ def execute(config: StudyConfig, runs: list[Run], mine: list[Run]) -> None:
     start = time.perf_counter()
     for index, run in enumerate(mine, 1):
         print(f"[study] run {index}/{len(mine)}: {run.name} in {run.output_dir}", flush=True)
-        pipeline.run_recipe(str(write_recipe(config, run)), {}, share_dir)
+        pipeline.run_recipe(str(write_recipe(config, run)), {}, share_dir,
+                            reuse=tuple(Path(p) for p in config.reuse_shares))
     minutes = (time.perf_counter() - start) / 60
     print(f"[study] {len(mine)} run(s) in {minutes:.1f} min", flush=True)
     pending = pending_runs(runs)
