@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -151,3 +152,47 @@ def test_one_seed_never_holds_across_seeds():
     assert _verdict(row) == "CI only (1 seed)"
     assert _verdict({**row, "significant": False}) == "no"
     assert _verdict({**row, "seeds_agree": 2, "seeds": 2}) == "yes"
+
+
+def backtracking_records(seed: int, switches: int) -> list[dict]:
+    """4 samples per problem; the first `switches` samples of each problem state 12, back
+    track and end at 7 (wrong -> right); seed 1 also turns one right answer wrong."""
+    records = []
+    for p in range(PROBLEMS):
+        for i in range(4):
+            if i < switches:
+                text, answer = "The answer is 12. Wait, that's not right... The answer is 7.", "7"
+            elif seed == 1 and i == 3:
+                text, answer = "The answer is 7. Wait, that's not right... The answer is 9.", "9"
+            else:
+                text, answer = "The answer is 7.", "7"
+            records.append({"problem_id": f"q{p:02d}", "sample_idx": i, "round": 0,
+                            "completion": text, "extracted": answer, "correct": answer == "7",
+                            "new_tokens": 20, "finish_reason": "stop", "answer": "7"})
+    return records
+
+
+def test_self_correction_shares_are_aggregated_over_seeds(tmp_path):
+    (tmp_path / "base.yaml").write_text(RECIPE)
+    (tmp_path / "study.yaml").write_text(
+        f"recipe: base.yaml\nseeds: [0, 1]\noutput_dir: {tmp_path / 'out'}\n"
+        "arms: [rft_bt]\nvariants: {a: {}}\n")
+    config = study.load_study(tmp_path / "study.yaml")
+    runs = study.study_runs(config)
+    for run, switches in zip(runs, (1, 2)):
+        folder = tmp_path / run.output_dir / "eval" / "rft_bt"
+        folder.mkdir(parents=True)
+        summary = summarize(backtracking_records(run.seed, switches), n_boot=20,
+                            check_first=lambda text, gold: re.findall(r"\d+", text)[-1] == gold)
+        (folder / "metrics.json").write_text(json.dumps(summary))
+    study_report.write_study_report(config, runs)
+    report = tmp_path / "out" / "report"
+    metrics = json.loads((report / "study.json").read_text())["cells"]["a"]["rft_bt"]["metrics"]
+    # seed 0: 1 of 4 answers wrong -> right; seed 1: 2 of 4 wrong -> right, 1 right -> wrong
+    assert metrics["delta_i2c"]["per_seed"] == pytest.approx({"0": 0.25, "1": 0.5})
+    assert metrics["delta_c2i"]["per_seed"] == pytest.approx({"0": 0.0, "1": 0.25})
+    assert metrics["share_backtracked"]["mean"] == pytest.approx((0.25 + 0.75) / 2)
+    assert metrics["acc_first"]["per_seed"] == pytest.approx({"0": 0.75, "1": 0.5})
+    text = (report / "study.md").read_text()
+    assert "## Self-correction, across seeds" in text
+    assert "| a | rft_bt | 50.0 [25.0, 75.0] |" in text  # ≥1 backtrack: seeds 25 and 75 %

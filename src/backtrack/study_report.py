@@ -29,6 +29,12 @@ BUDGET_RULE = ("budget B buys k* = B / T samples (T: the arm's mean new tokens p
                "k_hi samples that spends B in expectation (k = 0 scores 0); empty when k* is "
                "beyond the n samples evaluated. maj@k is not monotone in k (ties at even k), "
                "so maj at a budget is what voting with that budget gives, not its best use")
+# Self-correction statistics (`metrics.summarize`'s per-problem shares) the study report
+# aggregates over seeds like accuracy: they say whether an arm retries at all and whether its
+# retries turn wrong answers right (Δ(i→c)) more often than right ones wrong (Δ(c→i)).
+SELF_CORRECTION = {"share_backtracked": "≥1 backtrack", "share_backtracked_2plus":
+                   "≥2 backtracks", "acc_first": "Acc@first", "acc_final": "Acc@final",
+                   "delta_i2c": "Δ(i→c)", "delta_c2i": "Δ(c→i)"}
 
 
 def run_arms(run: Run, arms: list[str]) -> list[str]:
@@ -75,7 +81,8 @@ def cell_stats(summaries: dict, budgets: list[float], seed: int) -> dict:
     """Every figure of one (variant, arm) across its seeds."""
     ks = common_ks(summaries)
     metrics = {}
-    for name in ([f"pass@{k}" for k in ks] + [f"maj@{k}" for k in ks] + ["mean_new_tokens"]):
+    names = [f"pass@{k}" for k in ks] + [f"maj@{k}" for k in ks] + ["mean_new_tokens"]
+    for name in names + [m for m in SELF_CORRECTION if _numeric_everywhere(summaries, m)]:
         metrics[name] = study_stats.hierarchical_mean(_per_seed(summaries, name), N_BOOT, seed)
     tokens = float(np.mean([np.mean(s["per_problem"]["mean_new_tokens"])
                             for s in summaries.values()]))
@@ -86,6 +93,13 @@ def cell_stats(summaries: dict, budgets: list[float], seed: int) -> dict:
         for prefix in ("pass", "maj")}
     return {"seeds": sorted(summaries), "ks": ks, "tokens_per_sample": tokens,
             "metrics": metrics, "curves": curves, "budgets": at_budget}
+
+
+def _numeric_everywhere(summaries: dict, metric: str) -> bool:
+    """Whether every seed has a number for `metric` on every problem (older metrics files
+    and arms without a figure, e.g. accuracy when backtracked, are left out)."""
+    return all(all(isinstance(v, (int, float)) for v in s["per_problem"].get(metric) or [None])
+               for s in summaries.values())
 
 
 def _with_ks(summaries: dict, ks: list[int]) -> dict:
@@ -195,6 +209,23 @@ def _samples_table(results: dict) -> list[str]:
     return lines
 
 
+def _self_correction_table(results: dict) -> list[str]:
+    """Each cell's self-correction shares over seeds (points of all answers), or nothing
+    when no cell has them."""
+    cells = [(v, a, c) for v, arms in results["cells"].items() for a, c in arms.items()
+             if "share_backtracked" in c["metrics"]]
+    if not cells:
+        return []
+    names = [n for n in SELF_CORRECTION if all(n in c["metrics"] for _, _, c in cells)]
+    lines = ["| variant | arm | " + " | ".join(SELF_CORRECTION[n] for n in names) +
+             " | ≥1 backtrack per seed |", "|---|---|" + "---|" * (len(names) + 1)]
+    for variant, arm, cell in cells:
+        m = cell["metrics"]
+        lines.append(f"| {variant} | {arm} | " + " | ".join(_pct(m[n]) for n in names) +
+                     f" | {_seeds(m['share_backtracked'])} |")
+    return lines
+
+
 def _tokens_table(results: dict, prefix: str) -> list[str]:
     budgets = results["budgets"]["tokens"]
     lines = ["| variant | arm | " + " | ".join(f"{b:g}" for b in budgets) + " |",
@@ -252,6 +283,13 @@ def render_markdown(results: dict, plots: list[str]) -> str:
     if results["missing"]:
         lines += [f"Missing (not evaluated yet): {', '.join(results['missing'])}.", ""]
     lines += ["## Per variant and arm, at equal samples", "", *_samples_table(results), ""]
+    correction = _self_correction_table(results)
+    if correction:
+        lines += ["## Self-correction, across seeds", "",
+                  "Shares of all answers (%): answers with a backtrack (phrase matches), "
+                  "accuracy of the answer before the first backtrack and of the final one, "
+                  "and answers a backtrack turned wrong → right (Δ(i→c)) or right → wrong "
+                  "(Δ(c→i)).", "", *correction, ""]
     for prefix in ("pass", "maj"):
         lines += [f"## {prefix}@budget, at equal tokens (columns: tokens per problem)", "",
                   *_tokens_table(results, prefix), ""]
