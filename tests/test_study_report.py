@@ -32,17 +32,23 @@ def arm_records(seed: int, lift: float, tokens: int) -> list[dict]:
     return records
 
 
+def write_study(root, seeds: str, arms: str, variants: str):
+    """A study file over the tiny recipe in `root`; (config, runs)."""
+    (root / "base.yaml").write_text(RECIPE)
+    (root / "study.yaml").write_text(
+        f"recipe: base.yaml\nseeds: {seeds}\noutput_dir: {root / 'out'}\n"
+        f"arms: {arms}\nvariants: {variants}\n")
+    config = study.load_study(root / "study.yaml")
+    return config, study.study_runs(config)
+
+
 @pytest.fixture(scope="module")
 def study_dir(tmp_path_factory):
     """2 variants x 3 seeds; rft is right far more often (+0.35, variant b +0.5) but writes
     3x the tokens."""
     root = tmp_path_factory.mktemp("study")
-    (root / "base.yaml").write_text(RECIPE)
-    (root / "study.yaml").write_text(
-        f"recipe: base.yaml\nseeds: [0, 1, 2]\noutput_dir: {root / 'out'}\n"
-        "arms: [base, rft]\nvariants: {a: {}, b: {eval: {temperature: 0.6}}}\n")
-    config = study.load_study(root / "study.yaml")
-    runs = study.study_runs(config)
+    config, runs = write_study(root, "[0, 1, 2]", "[base, rft]",
+                               "{a: {}, b: {eval: {temperature: 0.6}}}")
     for run in runs:
         rft_lift = 0.35 if run.variant == "a" else 0.5
         for arm, lift, tokens in (("base", 0.0, 20), ("rft", rft_lift, 60)):
@@ -173,12 +179,7 @@ def backtracking_records(seed: int, switches: int) -> list[dict]:
 
 
 def test_self_correction_shares_are_aggregated_over_seeds(tmp_path):
-    (tmp_path / "base.yaml").write_text(RECIPE)
-    (tmp_path / "study.yaml").write_text(
-        f"recipe: base.yaml\nseeds: [0, 1]\noutput_dir: {tmp_path / 'out'}\n"
-        "arms: [rft_bt]\nvariants: {a: {}}\n")
-    config = study.load_study(tmp_path / "study.yaml")
-    runs = study.study_runs(config)
+    config, runs = write_study(tmp_path, "[0, 1]", "[rft_bt]", "{a: {}}")
     for run, switches in zip(runs, (1, 2)):
         folder = tmp_path / run.output_dir / "eval" / "rft_bt"
         folder.mkdir(parents=True)
