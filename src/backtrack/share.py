@@ -52,12 +52,15 @@ class StepShare:
         that has it complete."""
         if (self.folder(name, digest) / MARKER).is_file():
             return True
-        for other in self.others:
-            source = other / f"{name}-{digest}"
-            if (source / MARKER).is_file():
-                self._import(source, self.folder(name, digest))
-                return True
-        return False
+        source = self.elsewhere(f"{name}-{digest}")
+        if source is not None:
+            self._import(source, self.folder(name, digest))
+        return source is not None
+
+    def elsewhere(self, folder_name: str) -> Path | None:
+        """The first of `others`' complete copies of share `folder_name` (`<step>-<digest>`)."""
+        return next((other / folder_name for other in self.others
+                     if (other / folder_name / MARKER).is_file()), None)
 
     def _import(self, source: Path, final: Path) -> None:
         """Copy another study's complete share into this one, published by one rename."""

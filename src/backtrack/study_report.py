@@ -98,8 +98,9 @@ def cell_stats(summaries: dict, budgets: list[float], seed: int) -> dict:
 def _numeric_everywhere(summaries: dict, metric: str) -> bool:
     """Whether every seed has a number for `metric` on every problem (older metrics files
     and arms without a figure, e.g. accuracy when backtracked, are left out)."""
-    return all(all(isinstance(v, (int, float)) for v in s["per_problem"].get(metric) or [None])
-               for s in summaries.values())
+    columns = [s["per_problem"].get(metric) for s in summaries.values()]
+    return all(col is not None and all(isinstance(v, (int, float)) for v in col)
+               for col in columns)
 
 
 def _with_ks(summaries: dict, ks: list[int]) -> dict:

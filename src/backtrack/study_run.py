@@ -22,7 +22,7 @@ import yaml
 from backtrack import pipeline
 from backtrack.errors import UserError
 from backtrack.fileio import write_text
-from backtrack.share import SHARED_STAGES
+from backtrack.share import MARKER, SHARED_STAGES, StepShare
 from backtrack.study import Run, StudyConfig, load_study, only_runs, select_runs, study_runs
 
 RECIPE_FILE = "recipe.yaml"
@@ -104,14 +104,14 @@ def _print_reused(config: StudyConfig, groups: dict[tuple[str, str], list[str]])
     """Which shared steps `reuse_shares` holds already (imported, not computed, at run time)."""
     if not config.reuse_shares:
         return
+    share = StepShare(Path(config.output_dir) / "shared", tuple(map(Path, config.reuse_shares)))
     found = []
     for _step, where in groups:
         name = where.removeprefix("shared/")
-        if where.startswith("shared/") and not (Path(config.output_dir) / where).is_dir():
-            source = next((Path(o) for o in config.reuse_shares
-                           if (Path(o) / name / "share.json").is_file()), None)
-            if source:
-                found.append(f"  {name} <- {source}")
+        if where != name and not (share.root / name / MARKER).is_file():
+            source = share.elsewhere(name)
+            if source is not None:
+                found.append(f"  {name} <- {source.parent}")
     print(f"{len(found)} shared step(s) found in reuse_shares (imported, not computed)"
           + (":\n" + "\n".join(found) if found else ""))
 
