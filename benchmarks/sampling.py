@@ -31,6 +31,7 @@ import argparse
 import json
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 # name: hf engine options (compile pays its compile in an untimed first call, reported apart)
@@ -44,7 +45,11 @@ LEVERS = {
     "compact": {"cache": "dynamic", "decode": "compact"},
     "compact+eager": {"cache": "dynamic", "decode": "compact", "attn_implementation": "eager"},
     "compact+shared_prefix": {"cache": "dynamic", "decode": "compact", "shared_prefix": True},
+    # the same before 2026-12-03 (same tokens): torch.multinomial, the model's full forward
+    # per step and fresh cache memory per call; see `former_decode`
+    "shared_prefix_before": {"cache": "dynamic", "decode": "compact", "shared_prefix": True},
 }
+FORMER = {"shared_prefix_before"}
 DEFAULT_LEVERS = [name for name in LEVERS if "compile" not in name]
 
 
@@ -152,12 +157,35 @@ def decode_matmul(model, rows: int, seconds: float = 0.3) -> dict:
             "flops_per_new_token": 2 * matmul_params}
 
 
-def timed_generate(engine, prompts: list[str], params) -> dict:
+@contextmanager
+def former_decode(engine, former: bool):
+    """With `former`, the compact decode as it was before 2026-12-03 (the same tokens, slower):
+    torch.multinomial draws, the model's full forward each step, cache memory not kept."""
+    from backtrack.engines import hf_decode
+
+    if not former:
+        yield
+        return
+    saved = hf_decode.shared_prefix_step, hf_decode.multinomial_one_cpu, engine.buffers.keep
+    hf_decode.shared_prefix_step = lambda model: None
+    hf_decode.multinomial_one_cpu = lambda probs, generator: probs.multinomial(
+        1, generator=generator).squeeze(1)
+    engine.buffers.keep = False
+    engine.buffers.clear()
+    try:
+        yield
+    finally:
+        hf_decode.shared_prefix_step, hf_decode.multinomial_one_cpu, engine.buffers.keep = saved
+
+
+def timed_generate(engine, prompts: list[str], params, former: bool = False) -> dict:
     start, cpu = time.perf_counter(), time.process_time()
-    rows = engine.generate(prompts, params)
+    with former_decode(engine, former):
+        rows = engine.generate(prompts, params)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     tokens = [c.new_tokens for row in rows for c in row]
     return {"tokens": sum(tokens), "wall": wall, "cpu": cpu,
+            "ids": [c.token_ids for row in rows for c in row],
             "occupancy": sum(tokens) / (len(tokens) * max(tokens))}
 
 
@@ -182,14 +210,16 @@ def bench_levers(name: str, args) -> dict:
                for p in task.problems("train", args.lever_problems)]
     params = GenerationParams(n=args.k, temperature=args.temperature, top_p=1.0,
                               max_new_tokens=args.lever_max_new_tokens, seed=0)
-    engines, first_call_s, runs = {}, {}, {}
+    engines, first_call_s, runs, first_ids = {}, {}, {}, {}
     for lever in args.levers:
         engines[lever] = make_engine("hf", path, batch_size=rows, model=base.model,
                                      tokenizer=base.tokenizer, **LEVERS[lever])
-        first_call_s[lever] = timed_generate(engines[lever], prompts, params)["wall"]
+        first = timed_generate(engines[lever], prompts, params, lever in FORMER)
+        first_call_s[lever], first_ids[lever] = first["wall"], first["ids"]
     for _ in range(args.repeats):
         for lever in args.levers:
-            runs.setdefault(lever, []).append(timed_generate(engines[lever], prompts, params))
+            runs.setdefault(lever, []).append(timed_generate(engines[lever], prompts, params,
+                                                             lever in FORMER))
     levers = {}
     for lever, timed in runs.items():
         wall_rate = statistics.median(r["tokens"] / r["wall"] for r in timed)
@@ -204,6 +234,9 @@ def bench_levers(name: str, args) -> dict:
         baseline = levers.get("baseline", lever)
         lever["vs_baseline"] = round(lever["tokens_per_s"] / baseline["tokens_per_s"], 2)
         lever["vs_baseline_cpu"] = round(lever["tokens_per_cpu_s"] / baseline["tokens_per_cpu_s"], 2)
+    if {"shared_prefix_before", "compact+shared_prefix"} <= set(first_ids):
+        levers["shared_prefix_before"]["same_tokens"] = (
+            first_ids["shared_prefix_before"] == first_ids["compact+shared_prefix"])
     return {"model": name, "path": path, "batch": rows, "threads": torch.get_num_threads(),
             "max_new_tokens": args.lever_max_new_tokens, "repeats": args.repeats,
             **{k: round(v, 1) for k, v in bound.items()}, "levers": levers}
@@ -219,7 +252,9 @@ def print_levers(r: dict) -> None:
         print(f"  {lever:<22} {x['tokens_per_s']:>8,.0f} tok/s = {100 * x['share_of_bound']:5.1f}% "
               f"of bound ({x['vs_baseline']:.2f}x baseline); {x['tokens_per_cpu_s']:>8,.0f} "
               f"tok/CPU-s = {100 * x['share_of_bound_cpu']:5.1f}% ({x['vs_baseline_cpu']:.2f}x); "
-              f"occupancy {x['occupancy']:.2f}; first call {x['first_call_s']} s", flush=True)
+              f"occupancy {x['occupancy']:.2f}; first call {x['first_call_s']} s"
+              + (f"; same tokens as now: {x['same_tokens']}" if "same_tokens" in x else ""),
+              flush=True)
 
 
 def main() -> None:

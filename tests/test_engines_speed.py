@@ -162,6 +162,24 @@ def test_compact_decode_drops_finished_rows_without_changing_the_others(engines)
         assert c.finish_reason == ("length" if c.new_tokens == 12 == len(c.token_ids) else "stop")
 
 
+@pytest.mark.parametrize("shape", [(1, 2), (7, 33), (128, 501), (300, 1000)])
+def test_cpu_sampler_draws_what_torch_multinomial_draws(shape):
+    """The vectorized CPU draw gives torch.multinomial's token for every row over 50 steps
+    of peaked and flat distributions, and leaves the generator where multinomial does."""
+    import torch
+
+    from backtrack.engines.hf_decode import multinomial_one_cpu
+
+    ours, theirs = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    logits = torch.Generator().manual_seed(len(shape) + shape[1])
+    for step in range(50):
+        scale = 8.0 if step % 2 else 0.5
+        probs = (torch.randn(shape, generator=logits) * scale).softmax(-1)
+        expected = torch.multinomial(probs, 1, generator=theirs).squeeze(1)
+        assert torch.equal(multinomial_one_cpu(probs, ours), expected)
+    assert torch.equal(torch.rand(8, generator=ours), torch.rand(8, generator=theirs))
+
+
 def test_top_p_keeps_the_smallest_set_above_p():
     import torch
 
@@ -198,6 +216,73 @@ def test_shared_prefix_gives_the_tokens_of_n_prompt_copies(engines):
         assert got == [[c.token_ids for c in row] for row in copies.generate(prompts, params)]
         assert len({len(ids) for row in got for ids in row}) > 2  # rows ended apart
     assert shared.model.config._attn_implementation == own
+
+
+def test_shared_prefix_step_gives_the_models_logits_bit_for_bit(engines):
+    """Decode steps through the model's own layers (no mask building, no output bookkeeping)
+    give exactly the full forward's logits, over three steps of 8 rows on a shared prefix
+    (4 prompts, one left-padded), each step writing the per-row cache once."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import DynamicCache
+
+    from backtrack.engines.hf_decode import (PreallocatedLayer, own_tokens_cache,
+                                             shared_prefix_step)
+    from backtrack.engines.hf_prefix import SharedPrefix, register
+
+    model = engines().model
+    step = shared_prefix_step(model)
+    assert step is not None  # a Llama
+    ids = torch.randint(3, model.config.vocab_size, (4, 6),
+                        generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    own = model.config._attn_implementation
+    model.set_attn_implementation(register())
+    try:
+        with torch.inference_mode():
+            prefill = DynamicCache(config=model.config)
+            model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=prefill,
+                  use_cache=True)
+            prefix = SharedPrefix(prefill, mask[:, :-1], 2, model.dtype)
+            caches = [own_tokens_cache(model, prefix, 8) for _ in range(2)]
+            for cache in caches:
+                cache.layers = [PreallocatedLayer(layer, 4) for layer in cache.layers]
+            current = ids[:, -1:].repeat_interleave(2, dim=0)
+            position = (mask.cumsum(-1) - 1)[:, -1:].repeat_interleave(2, dim=0)
+            for _ in range(3):
+                full = model(input_ids=current, attention_mask=torch.ones_like(current),
+                             position_ids=position, past_key_values=caches[0], use_cache=True,
+                             shared_prefix=prefix).logits[:, -1, :]
+                lean = step(current, position, caches[1], prefix)
+                assert torch.equal(full, lean)
+                current, position = full.argmax(-1, keepdim=True), position + 1
+    finally:
+        model.set_attn_implementation(own)
+    other = SimpleNamespace(config=SimpleNamespace(model_type="gpt2"), model=model.model)
+    assert shared_prefix_step(other) is None  # another layout keeps the model's forward
+
+
+def test_decode_buffers_are_reused_between_calls_with_the_same_tokens(engines):
+    """The engine keeps its cache memory on CPU: a second call decodes into the same storage
+    and gives the tokens of a call that takes fresh memory."""
+    from backtrack.chat import render_prompt
+
+    kept, fresh = engines(decode="compact", shared_prefix=True), engines(
+        decode="compact", shared_prefix=True)
+    fresh.buffers.keep = False
+    prompts = [render_prompt(kept.tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
+    params = GenerationParams(n=3, temperature=1.0, max_new_tokens=10, seed=5)
+    first = kept.generate(prompts, params)
+    storage = {name: t.data_ptr() for name, t in kept.buffers._storage.items()}
+    assert storage and not fresh.buffers._storage
+    again = kept.generate(prompts, params)
+    assert {name: t.data_ptr() for name, t in kept.buffers._storage.items()} == storage
+    expected = [[c.token_ids for c in row] for row in fresh.generate(prompts, params)]
+    assert [[c.token_ids for c in row] for row in first] == expected
+    assert [[c.token_ids for c in row] for row in again] == expected
+    assert not fresh.buffers._storage
 
 
 def test_shared_prefix_drops_prompts_left_without_rows():

@@ -96,6 +96,9 @@ class HFEngine(Engine):
             raise UserError("engine 'hf': option 'shared_prefix' needs decode: compact and no "
                             "attn_implementation / attend_filled (it brings its own attention)")
         self.shared_prefix = shared_prefix
+        from backtrack.engines.hf_decode import DecodeBuffers
+
+        self.buffers = DecodeBuffers(keep=not self.device.startswith("cuda"))
 
     def _resolve_attention(self, implementation: str | None, attend_filled: bool) -> str | None:
         """The attention implementation to generate with (None: the model's own, untouched)."""
@@ -194,7 +197,8 @@ class HFEngine(Engine):
                 mask = mask.repeat_interleave(params.n, dim=0)
             generated = compact_decode(self.model, input_ids, mask, cache,
                                        params.max_new_tokens, self.eos_ids, params.temperature,
-                                       params.top_p, suppress, seed, prefix=prefix)
+                                       params.top_p, suppress, seed, prefix=prefix,
+                                       buffers=self.buffers)
         return [self._to_completion(ids, []) for ids in generated]
 
     def _prefix_prefill(self, input_ids, mask, n: int):
@@ -287,3 +291,4 @@ class HFEngine(Engine):
 
     def close(self) -> None:
         self.model = None
+        self.buffers.clear()

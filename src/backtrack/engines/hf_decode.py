@@ -20,18 +20,53 @@ from __future__ import annotations
 from transformers.cache_utils import DynamicLayer
 
 
+class DecodeBuffers:
+    """Key/value cache memory kept from one engine call to the next (`keep`, on CPU).
+
+    A fresh tensor of tens of MB is new memory from the OS on every call (glibc maps
+    allocations over 32 MB freshly), so each decode step's cache write faults in new pages and
+    the attention reads of the new pages are slow too: at 512 rows on the toy model the writes
+    alone took 10-30x as long as into reused memory (benchmarks/sampling.py, README). CUDA's
+    caching allocator already reuses memory, so there `keep` is off. Contents are garbage
+    until written, like `new_empty`'s."""
+
+    def __init__(self, keep: bool = True):
+        self.keep = keep
+        self._storage: dict = {}
+
+    def take(self, name, shape: tuple[int, ...], like):
+        """An uninitialised tensor of `shape` (dtype and device of `like`) for `name`, in the
+        memory `name` had before when it is large enough."""
+        numel = 1
+        for size in shape:
+            numel *= size
+        storage = self._storage.get(name)
+        if (storage is None or storage.numel() < numel or storage.dtype != like.dtype
+                or storage.device != like.device):
+            storage = like.new_empty(numel)
+            if self.keep:
+                self._storage[name] = storage
+        return storage[:numel].view(shape)
+
+    def clear(self) -> None:
+        self._storage.clear()
+
+
 class PreallocatedLayer(DynamicLayer):
     """A DynamicLayer whose keys and values live in a buffer with room for `capacity` tokens:
     `update` writes in place and returns views of the filled part, so no step copies the
     cache. Keeps the layer's existing content (the prefill)."""
 
-    def __init__(self, layer: DynamicLayer, capacity: int):
+    def __init__(self, layer: DynamicLayer, capacity: int, buffers: DecodeBuffers | None = None,
+                 index: int = 0):
         super().__init__()
         keys, values = layer.keys, layer.values
         rows, heads, length, dim = keys.shape
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-        self._keys = keys.new_empty((rows, heads, max(capacity, length), dim))
-        self._values = values.new_empty((rows, heads, max(capacity, length), dim))
+        shape = (rows, heads, max(capacity, length), dim)
+        buffers = buffers or DecodeBuffers(keep=False)
+        self._keys = buffers.take((index, "keys"), shape, keys)
+        self._values = buffers.take((index, "values"), shape, values)
         self._keys[:, :, :length], self._values[:, :, :length] = keys, values
         self.length = length
         self._views()
@@ -98,19 +133,68 @@ def sample_tokens(logits, temperature: float, top_p: float, generator, suppress:
         remove[:, -1] = False  # keep at least the most likely token
         logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
     probs = logits.softmax(-1)
+    if probs.device.type == "cpu":
+        return multinomial_one_cpu(probs, generator)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def multinomial_one_cpu(probs, generator):
+    """`torch.multinomial(probs, 1, generator=generator).squeeze(1)` on CPU, draw for draw.
+
+    torch draws one sample as argmax(probs / q), q ~ Exp(1) from `exponential_`, whose CPU
+    kernel is a scalar loop: 1.1 ms of a 9 ms decode step at batch 128 on the toy model. The
+    same q is -log1p(-u) for u = the float64 uniforms `torch.rand` draws from the same
+    generator, in vectorized kernels (2.8x faster here). Same tokens and generator state
+    after, for any shape (tests/test_engines_speed.py checks both); CUDA keeps multinomial."""
+    import torch
+
+    uniform = torch.rand(probs.shape, dtype=torch.float64, generator=generator)
+    race = probs / torch.log1p(-uniform).neg_().to(probs.dtype)
+    return race.argmax(-1)
+
+
+# Model types whose forward is embed -> rotary -> layers(hidden, mask, position embeddings, cache)
+# -> norm -> lm_head, with nothing else per step (transformers' modeling_llama and its copies).
+LLAMA_LAYOUT = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def shared_prefix_step(model):
+    """One decode step's last-position logits through the model's own modules, or None when
+    the model's forward is not the Llama layout.
+
+    The model's forward adds per step: building a 4D mask, which the shared-prefix attention
+    does not read at decode (its rows' own tokens are never padding), and transformers' output
+    bookkeeping (`check_model_inputs`, output capture). Skipping them gives the same logits,
+    bit for bit (tests/test_engines_speed.py), 0.3-0.7 ms sooner per step on the toy model
+    (5 % of a step at 128 rows, 10-30 % at 8). No transformers API runs layers without them."""
+    inner = getattr(model, "model", None)
+    if (getattr(model.config, "model_type", None) not in LLAMA_LAYOUT or inner is None
+            or not all(hasattr(inner, name) for name in ("embed_tokens", "rotary_emb", "layers",
+                                                         "norm"))):
+        return None
+    layers = inner.layers[:model.config.num_hidden_layers]
+
+    def step(input_ids, position_ids, cache, prefix):
+        hidden = inner.embed_tokens(input_ids)
+        position_embeddings = inner.rotary_emb(hidden, position_ids=position_ids)
+        for layer in layers:
+            hidden = layer(hidden, attention_mask=None, position_embeddings=position_embeddings,
+                           position_ids=position_ids, past_key_values=cache, use_cache=True,
+                           shared_prefix=prefix)
+        return model.lm_head(inner.norm(hidden[:, -1, :]))
+    return step
 
 
 def compact_decode(model, input_ids, mask, cache, max_new_tokens: int, eos_ids: list[int],
                    temperature: float, top_p: float, suppress: list[int], seed: int,
-                   prefix=None) -> list[list[int]]:
+                   prefix=None, buffers: DecodeBuffers | None = None) -> list[list[int]]:
     """New token ids per row (the ending EOS included) for left-padded `input_ids`.
 
     `cache` is a DynamicCache holding every prompt token but the last (as the engine's shared
     prefill leaves it), or None to prefill here. With `prefix` (`hf_prefix.SharedPrefix`) the
     prompts' tokens but the last are held there once per prompt instead, `cache` is None, and
     the model must run `hf_prefix`'s attention. Rows leave the batch when they emit an EOS id
-    or reach `max_new_tokens`."""
+    or reach `max_new_tokens`. `buffers` holds the cache memory (kept between calls)."""
     import torch
     from transformers import DynamicCache
 
@@ -126,8 +210,10 @@ def compact_decode(model, input_ids, mask, cache, max_new_tokens: int, eos_ids: 
             model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1],
                   position_ids=positions[:, :-1], past_key_values=cache, use_cache=True,
                   logits_to_keep=1)
-    cache.layers = [PreallocatedLayer(layer, layer.get_seq_length() + max_new_tokens + 1)
-                    if layer.is_initialized else layer for layer in cache.layers]
+    cache.layers = [PreallocatedLayer(layer, layer.get_seq_length() + max_new_tokens + 1,
+                                      buffers, index)
+                    if layer.is_initialized else layer for index, layer in enumerate(cache.layers)]
+    forward = shared_prefix_step(model) if prefix is not None else None
     generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     eos = torch.tensor(eos_ids, device=input_ids.device)
     tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
@@ -135,8 +221,11 @@ def compact_decode(model, input_ids, mask, cache, max_new_tokens: int, eos_ids: 
     done = torch.zeros_like(rows, dtype=torch.bool)  # rows that ended but are still stepped
     current, position = input_ids[:, -1:], positions[:, -1:]
     for step in range(max_new_tokens):
-        logits = model(input_ids=current, attention_mask=mask, position_ids=position,
-                       past_key_values=cache, use_cache=True, **extra).logits[:, -1, :]
+        if forward is not None:
+            logits = forward(current, position, cache, prefix)
+        else:
+            logits = model(input_ids=current, attention_mask=mask, position_ids=position,
+                           past_key_values=cache, use_cache=True, **extra).logits[:, -1, :]
         chosen = sample_tokens(logits, temperature, top_p, generator, suppress)
         for row, token, ended in zip(rows.tolist(), chosen.tolist(), done.tolist()):
             if not ended:
