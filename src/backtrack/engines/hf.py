@@ -50,7 +50,9 @@ class HFEngine(Engine):
     largest cost of a small model's decode step on CPU. `compile` compiles the decode step with
     transformers' CompileConfig off CUDA too (on CUDA transformers already compiles a static-
     cache decode); it pays about a minute per process on the toy model. `shared_prefix`
-    (`decode: compact` only) holds a prompt's KV cache once for its n samples (`hf_prefix`)."""
+    (`decode: compact` only) holds a prompt's KV cache once for its n samples (`hf_prefix`).
+    With `decode: compact` on CPU the engine keeps its KV cache memory between calls, at the
+    largest call's size (`hf_decode.DecodeBuffers`; `close()` frees it)."""
 
     def __init__(self, model_path: str, device: str | None = None, dtype: str | None = None,
                  batch_size: int = 64, share_prefill: bool = True, num_threads: int | None = None,
