@@ -17,6 +17,8 @@ tokens, but not the tokens `generate` would draw (it consumes the global RNG dif
 
 from __future__ import annotations
 
+import math
+
 from transformers.cache_utils import DynamicLayer
 
 
@@ -37,9 +39,7 @@ class DecodeBuffers:
     def take(self, name, shape: tuple[int, ...], like):
         """An uninitialised tensor of `shape` (dtype and device of `like`) for `name`, in the
         memory `name` had before when it is large enough."""
-        numel = 1
-        for size in shape:
-            numel *= size
+        numel = math.prod(shape)
         storage = self._storage.get(name)
         if (storage is None or storage.numel() < numel or storage.dtype != like.dtype
                 or storage.device != like.device):
@@ -233,7 +233,8 @@ def compact_decode(model, input_ids, mask, cache, max_new_tokens: int, eos_ids: 
         done = done | torch.isin(chosen, eos)
         if step + 1 == max_new_tokens or bool(done.all()):
             break
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        if forward is None:  # the model's forward reads the 2D mask; the lean step does not
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         current, position = chosen[:, None], position + 1
         # Dropping rows copies the cache's filled part; stepping a dead row costs its share of
         # one step: compact once an eighth of the batch is dead.
