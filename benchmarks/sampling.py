@@ -45,6 +45,12 @@ LEVERS = {
     "compact": {"cache": "dynamic", "decode": "compact"},
     "compact+eager": {"cache": "dynamic", "decode": "compact", "attn_implementation": "eager"},
     "compact+shared_prefix": {"cache": "dynamic", "decode": "compact", "shared_prefix": True},
+    "compact+shared_prefix+compile": {"cache": "dynamic", "decode": "compact",
+                                      "shared_prefix": True, "compile": True},
+    # bf16 weights (fast where the CPU has bf16 instructions, e.g. AVX512_BF16); its share is
+    # also given of its own bound, at the bf16 matmul rate (`share_of_own_bound`)
+    "compact+shared_prefix+bf16": {"cache": "dynamic", "decode": "compact",
+                                   "shared_prefix": True, "dtype": "bfloat16"},
     # the same before 2026-12-03 (same tokens): torch.multinomial, the model's full forward
     # per step and fresh cache memory per call; see `former_decode`
     "shared_prefix_before": {"cache": "dynamic", "decode": "compact", "shared_prefix": True},
@@ -210,10 +216,14 @@ def bench_levers(name: str, args) -> dict:
                for p in task.problems("train", args.lever_problems)]
     params = GenerationParams(n=args.k, temperature=args.temperature, top_p=1.0,
                               max_new_tokens=args.lever_max_new_tokens, seed=0)
-    engines, first_call_s, runs, first_ids = {}, {}, {}, {}
+    engines, first_call_s, runs, first_ids, own_bounds = {}, {}, {}, {}, {}
     for lever in args.levers:
-        engines[lever] = make_engine("hf", path, batch_size=rows, model=base.model,
-                                     tokenizer=base.tokenizer, **LEVERS[lever])
+        options = LEVERS[lever]
+        shared = {} if "dtype" in options else {"model": base.model, "tokenizer": base.tokenizer}
+        engines[lever] = make_engine("hf", path, batch_size=rows, **shared, **options)
+        if "dtype" in options:  # its own weights: its own bound too
+            own = decode_matmul(engines[lever].model, rows)
+            own_bounds[lever] = own["decode_matmul_flops_per_s"] / own["flops_per_new_token"]
         first = timed_generate(engines[lever], prompts, params, lever in FORMER)
         first_call_s[lever], first_ids[lever] = first["wall"], first["ids"]
     for _ in range(args.repeats):
@@ -230,13 +240,16 @@ def bench_levers(name: str, args) -> dict:
             "share_of_bound_cpu": round(cpu_rate / bound["bound_tokens_per_s"], 4),
             "occupancy": round(statistics.median(r["occupancy"] for r in timed), 3),
             "first_call_s": round(first_call_s[lever], 1)}
+        if lever in own_bounds:
+            levers[lever]["own_bound_tokens_per_s"] = round(own_bounds[lever], 1)
+            levers[lever]["share_of_own_bound"] = round(wall_rate / own_bounds[lever], 4)
     for lever in levers.values():
         baseline = levers.get("baseline", lever)
         lever["vs_baseline"] = round(lever["tokens_per_s"] / baseline["tokens_per_s"], 2)
         lever["vs_baseline_cpu"] = round(lever["tokens_per_cpu_s"] / baseline["tokens_per_cpu_s"], 2)
-    if {"shared_prefix_before", "compact+shared_prefix"} <= set(first_ids):
-        levers["shared_prefix_before"]["same_tokens"] = (
-            first_ids["shared_prefix_before"] == first_ids["compact+shared_prefix"])
+    for other in ("shared_prefix_before", "compact+shared_prefix+compile"):
+        if {other, "compact+shared_prefix"} <= set(first_ids):
+            levers[other]["same_tokens"] = first_ids[other] == first_ids["compact+shared_prefix"]
     return {"model": name, "path": path, "batch": rows, "threads": torch.get_num_threads(),
             "max_new_tokens": args.lever_max_new_tokens, "repeats": args.repeats,
             **{k: round(v, 1) for k, v in bound.items()}, "levers": levers}
@@ -253,7 +266,11 @@ def print_levers(r: dict) -> None:
               f"of bound ({x['vs_baseline']:.2f}x baseline); {x['tokens_per_cpu_s']:>8,.0f} "
               f"tok/CPU-s = {100 * x['share_of_bound_cpu']:5.1f}% ({x['vs_baseline_cpu']:.2f}x); "
               f"occupancy {x['occupancy']:.2f}; first call {x['first_call_s']} s"
-              + (f"; same tokens as now: {x['same_tokens']}" if "same_tokens" in x else ""),
+              + (f"; same tokens as compact+shared_prefix: {x['same_tokens']}"
+                 if "same_tokens" in x else "")
+              + (f"; {100 * x['share_of_own_bound']:.1f}% of its own bound "
+                 f"({x['own_bound_tokens_per_s']:,.0f} tok/s)" if "share_of_own_bound" in x
+                 else ""),
               flush=True)
 
 

@@ -53,6 +53,9 @@ LEVERS = {
     "adamw_loop": ({"micro_batches": 1}, {"optim": "adamw_torch"}),  # the default is fused
     "threads1": ({"threads": 1, "micro_batches": 1}, {}),
     "bf16": ({"micro_batches": 1}, {"bf16": True}),
+    # bf16 autocast with the default micro-batches: fast only where the CPU has bf16
+    # instructions (AVX512_BF16, AMX); elsewhere torch emulates it.
+    "micro4+bf16": ({}, {"bf16": True}),
 }
 
 

@@ -264,6 +264,41 @@ def test_shared_prefix_step_gives_the_models_logits_bit_for_bit(engines):
     assert shared_prefix_step(other) is None  # another layout keeps the model's forward
 
 
+def test_compile_with_shared_prefix_compiles_the_decode_step_once(engines, monkeypatch):
+    """`compile` with `shared_prefix` hands the lean decode step to torch.compile once per
+    engine, decodes every n > 1 call through what it returned, and leaves n = 1 calls (no
+    shared prefix) alone. torch.compile is swapped for a recorder (a real compile takes a
+    minute); the benchmark checks the compiled step's tokens (benchmarks/sampling.py)."""
+    import torch
+
+    from backtrack.chat import render_prompt
+
+    compiled, stepped = [], []
+
+    def recorder(step, **options):
+        compiled.append(options)
+
+        def run(*args):
+            stepped.append(args[0].shape[0])
+            return step(*args)
+        return run
+
+    monkeypatch.setattr(torch, "compile", recorder)
+    engine, plain = (engines(decode="compact", shared_prefix=True, **o)
+                     for o in ({"compile": True}, {}))
+    prompts = [render_prompt(engine.tokenizer, [{"role": "user", "content": q}])
+               for q in QUESTIONS]
+    for n in (3, 3, 1):
+        params = GenerationParams(n=n, temperature=1.0, max_new_tokens=6, seed=n)
+        assert ([[c.token_ids for c in row] for row in engine.generate(prompts, params)]
+                == [[c.token_ids for c in row] for row in plain.generate(prompts, params)])
+        if n == 3:
+            assert stepped and stepped[0] == 3 * len(QUESTIONS)
+            steps_so_far = len(stepped)
+    assert compiled == [{"dynamic": True}]  # once, for every call
+    assert len(stepped) == steps_so_far  # the n = 1 call ran the model's forward
+
+
 def test_decode_buffers_are_reused_between_calls_with_the_same_tokens(engines):
     """The engine keeps its cache memory on CPU: a second call decodes into the same storage
     and gives the tokens of a call that takes fresh memory."""

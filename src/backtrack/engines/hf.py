@@ -12,7 +12,8 @@ off CUDA too (transformers already compiles it on CUDA when the cache is static)
 `decode: compact` replaces `generate` by a loop that drops finished rows from the batch and
 its cache (`hf_decode`): other tokens for a seed than `generate`'s, same distribution.
 `shared_prefix` (with `decode: compact`) keeps each prompt's cached keys and values once for
-its n samples instead of n copies (`hf_prefix`): the same attention, summed in another order.
+its n samples instead of n copies (`hf_prefix`): the same attention, summed in another order;
+with it, `compile` compiles that decode step (`hf_decode.compiled_step`).
 """
 
 from __future__ import annotations
@@ -49,8 +50,11 @@ class HFEngine(Engine):
     makes attention read the filled cache slots only: reading the whole static cache is the
     largest cost of a small model's decode step on CPU. `compile` compiles the decode step with
     transformers' CompileConfig off CUDA too (on CUDA transformers already compiles a static-
-    cache decode); it pays about a minute per process on the toy model. `shared_prefix`
-    (`decode: compact` only) holds a prompt's KV cache once for its n samples (`hf_prefix`).
+    cache decode); it pays about a minute per process on the toy model. With `decode: compact`
+    and `shared_prefix` it compiles the shared-prefix decode step instead
+    (`hf_decode.compiled_step`, once per engine; calls with n = 1 keep the model's forward).
+    `shared_prefix` (`decode: compact` only) holds a prompt's KV cache once for its n samples
+    (`hf_prefix`).
     With `decode: compact` on CPU the engine keeps its KV cache memory between calls, at the
     largest call's size (`hf_decode.DecodeBuffers`; `close()` frees it)."""
 
@@ -101,6 +105,7 @@ class HFEngine(Engine):
         from backtrack.engines.hf_decode import DecodeBuffers
 
         self.buffers = DecodeBuffers(keep=not self.device.startswith("cuda"))
+        self._compiled_step = None
 
     def _resolve_attention(self, implementation: str | None, attend_filled: bool) -> str | None:
         """The attention implementation to generate with (None: the model's own, untouched)."""
@@ -200,8 +205,18 @@ class HFEngine(Engine):
             generated = compact_decode(self.model, input_ids, mask, cache,
                                        params.max_new_tokens, self.eos_ids, params.temperature,
                                        params.top_p, suppress, seed, prefix=prefix,
-                                       buffers=self.buffers)
+                                       buffers=self.buffers,
+                                       step=self._decode_step() if shared else None)
         return [self._to_completion(ids, []) for ids in generated]
+
+    def _decode_step(self):
+        """The compiled shared-prefix decode step with `compile` (compiled on first use and
+        kept: a new torch.compile wrapper would compile again), else None (the plain one)."""
+        from backtrack.engines.hf_decode import compiled_step
+
+        if self.compile and self._compiled_step is None:
+            self._compiled_step = compiled_step(self.model)
+        return self._compiled_step
 
     def _prefix_prefill(self, input_ids, mask, n: int):
         """The prompts run once into a `SharedPrefix` (not repeated); the rows (n per prompt)
