@@ -13,7 +13,9 @@ off CUDA too (transformers already compiles it on CUDA when the cache is static)
 its cache (`hf_decode`): other tokens for a seed than `generate`'s, same distribution.
 `shared_prefix` (with `decode: compact`) keeps each prompt's cached keys and values once for
 its n samples instead of n copies (`hf_prefix`): the same attention, summed in another order;
-with it, `compile` compiles that decode step (`hf_decode.compiled_step`).
+with it, `compile` compiles that decode step (`hf_decode.compiled_step`), and
+`group_prefixes` holds the leading tokens n = 1 prompts share once (`hf_prefix.prefix_groups`):
+greedy, the same tokens; sampled, other draws (another batching order), same distribution.
 """
 
 from __future__ import annotations
@@ -54,7 +56,9 @@ class HFEngine(Engine):
     and `shared_prefix` it compiles the shared-prefix decode step instead
     (`hf_decode.compiled_step`, once per engine; calls with n = 1 keep the model's forward).
     `shared_prefix` (`decode: compact` only) holds a prompt's KV cache once for its n samples
-    (`hf_prefix`).
+    (`hf_prefix`). `group_prefixes` (with `shared_prefix`) does the same across n = 1 prompts
+    that share leading tokens, as the continuations of one problem do: prompts are batched in
+    token order instead of by length, and each group's shared part is prefilled once.
     With `decode: compact` on CPU the engine keeps its KV cache memory between calls, at the
     largest call's size (`hf_decode.DecodeBuffers`; `close()` frees it)."""
 
@@ -62,7 +66,8 @@ class HFEngine(Engine):
                  batch_size: int = 64, share_prefill: bool = True, num_threads: int | None = None,
                  cache: str = "static", attn_implementation: str | None = None,
                  attend_filled: bool = False, compile: bool = False, decode: str = "generate",
-                 shared_prefix: bool = False, model=None, tokenizer=None):
+                 shared_prefix: bool = False, group_prefixes: bool = False, model=None,
+                 tokenizer=None):
         import torch
         from transformers import GenerationConfig
 
@@ -102,6 +107,10 @@ class HFEngine(Engine):
             raise UserError("engine 'hf': option 'shared_prefix' needs decode: compact and no "
                             "attn_implementation / attend_filled (it brings its own attention)")
         self.shared_prefix = shared_prefix
+        if not isinstance(group_prefixes, bool) or (group_prefixes and not shared_prefix):
+            raise UserError(f"engine 'hf': option 'group_prefixes' must be true or false and "
+                            f"needs shared_prefix: true, got {group_prefixes!r}")
+        self.group_prefixes = group_prefixes
         from backtrack.engines.hf_decode import DecodeBuffers
 
         self.buffers = DecodeBuffers(keep=not self.device.startswith("cuda"))
@@ -134,7 +143,10 @@ class HFEngine(Engine):
     def generate(self, prompts: list[str], params: GenerationParams) -> list[list[Completion]]:
         params.validate()
         encoded = [self.encode(p) for p in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), prompts[i]))
+        if self._grouping(params):  # prompts sharing leading tokens side by side
+            order = sorted(range(len(prompts)), key=lambda i: (encoded[i], prompts[i]))
+        else:
+            order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), prompts[i]))
         per_batch = max(1, self.batch_size // params.n)
         results: list[list[Completion]] = [[] for _ in prompts]
         for start in range(0, len(order), per_batch):
@@ -145,10 +157,15 @@ class HFEngine(Engine):
                 results[i] = outputs[j * params.n:(j + 1) * params.n]
         return results
 
+    def _grouping(self, params: GenerationParams) -> bool:
+        return self.group_prefixes and params.n == 1 and not params.stop
+
     def _generate_batch(self, batch: list[list[int]], params: GenerationParams,
                         seed: int) -> list[Completion]:
         import torch
 
+        if self._grouping(params):
+            return self._grouped_batch(batch, params, seed)
         width = max(len(ids) for ids in batch)
         input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -209,6 +226,54 @@ class HFEngine(Engine):
                                        step=self._decode_step() if shared else None)
         return [self._to_completion(ids, []) for ids in generated]
 
+    def _grouped_batch(self, batch: list[list[int]], params: GenerationParams,
+                       seed: int) -> list[Completion]:
+        """n = 1 prompts (sorted) whose leading tokens several share, as continuations of one
+        problem do (budget forcing, second attempts, backtracking): each group's shared part
+        runs once into a `SharedPrefix`, then each row's rest into its own cache, so the
+        problem's prompt is prefilled once, not once per continuation."""
+        import torch
+
+        from backtrack.engines.hf_decode import compact_decode
+        from backtrack.engines.hf_prefix import SharedPrefix, prefix_groups
+
+        groups = prefix_groups(batch)
+        if any(shared == 0 for _, _, shared in groups):  # a one-token prompt: nothing to share
+            input_ids, mask = self._left_padded(batch)
+            return self._compact_batch(input_ids, mask, params, seed)
+        leads = [batch[first][:shared] for first, _, shared in groups]
+        lead_ids, lead_mask = self._left_padded(leads)
+        group = torch.tensor([g for g, (first, end, _) in enumerate(groups)
+                              for _ in range(first, end)], device=self.device)
+        shared = torch.tensor([shared for first, end, shared in groups
+                               for _ in range(first, end)], device=self.device)
+        rest_ids, rest_mask = self._left_padded([ids[s:] for ids, s in zip(batch,
+                                                                           shared.tolist())])
+        positions = shared[:, None] + (rest_mask.cumsum(-1) - 1).clamp(min=0)
+        suppress = [] if self.pad_id in self._eos_set else [self.pad_id]
+        with torch.inference_mode(), self._attention_scope(True):
+            prefill = self._prefill(lead_ids, lead_mask, keep_last=True)
+            prefix = SharedPrefix(prefill, lead_mask, 1, self.model.dtype, group=group)
+            generated = compact_decode(self.model, rest_ids, rest_mask, None,
+                                       params.max_new_tokens, self.eos_ids, params.temperature,
+                                       params.top_p, suppress, seed, prefix=prefix,
+                                       buffers=self.buffers, step=self._decode_step(),
+                                       positions=positions)
+        return [self._to_completion(ids, []) for ids in generated]
+
+    def _left_padded(self, rows: list[list[int]]):
+        """Token ids [rows, longest] left-padded with the pad id, and their mask."""
+        import torch
+
+        width = max(1, max(len(ids) for ids in rows))
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, ids in enumerate(rows):
+            if ids:
+                input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+                mask[row, width - len(ids):] = 1
+        return input_ids.to(self.device), mask.to(self.device)
+
     def _decode_step(self):
         """The compiled shared-prefix decode step with `compile` (compiled on first use and
         kept: a new torch.compile wrapper would compile again), else None (the plain one)."""
@@ -226,14 +291,16 @@ class HFEngine(Engine):
         prefix = SharedPrefix(self._prefill(input_ids, mask), mask[:, :-1], n, self.model.dtype)
         return input_ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0), prefix
 
-    def _prefill(self, input_ids, mask):
-        """A DynamicCache of the prompt batch, all but its last token (the decode's first)."""
+    def _prefill(self, input_ids, mask, keep_last: bool = False):
+        """A DynamicCache of the prompt batch, all but its last token (the decode's first), or
+        all of it with `keep_last`."""
         from transformers import DynamicCache
 
         prefill = DynamicCache(config=self.model.config)
+        end = input_ids.shape[1] if keep_last else -1
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        self.model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1],
-                   position_ids=position_ids[:, :-1], past_key_values=prefill, use_cache=True,
+        self.model(input_ids=input_ids[:, :end], attention_mask=mask[:, :end],
+                   position_ids=position_ids[:, :end], past_key_values=prefill, use_cache=True,
                    logits_to_keep=1)
         return prefill
 

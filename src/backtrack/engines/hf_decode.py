@@ -202,7 +202,7 @@ def compiled_step(model):
 def compact_decode(model, input_ids, mask, cache, max_new_tokens: int, eos_ids: list[int],
                    temperature: float, top_p: float, suppress: list[int], seed: int,
                    prefix=None, buffers: DecodeBuffers | None = None,
-                   step=None) -> list[list[int]]:
+                   step=None, positions=None) -> list[list[int]]:
     """New token ids per row (the ending EOS included) for left-padded `input_ids`.
 
     `cache` is a DynamicCache holding every prompt token but the last (as the engine's shared
@@ -210,16 +210,28 @@ def compact_decode(model, input_ids, mask, cache, max_new_tokens: int, eos_ids: 
     prompts' tokens but the last are held there once per prompt instead, `cache` is None, and
     the model must run `hf_prefix`'s attention. Rows leave the batch when they emit an EOS id
     or reach `max_new_tokens`. `buffers` holds the cache memory (kept between calls). `step`
-    replaces `shared_prefix_step(model)` as the decode step with `prefix` (`compiled_step`)."""
+    replaces `shared_prefix_step(model)` as the decode step with `prefix` (`compiled_step`).
+    With `positions` (their position ids), `prefix` holds only the rows' leading tokens and
+    `input_ids` / `mask` are the rest, left-padded: all but the last run into the rows' own
+    cache first (`hf_prefix.prefix_groups`)."""
     import torch
     from transformers import DynamicCache
 
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    own_prefill = positions is not None and input_ids.shape[1] > 1
+    if positions is None:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
     extra = {}
     if prefix is not None:
         cache, extra = own_tokens_cache(model, prefix, input_ids.shape[0]), {
             "shared_prefix": prefix}
-        mask = mask.new_ones((input_ids.shape[0], 1))  # a row's own tokens: never padding
+        if own_prefill:
+            prefix.mask_own(mask[:, :-1])
+            model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1],
+                  position_ids=positions[:, :-1], past_key_values=cache, use_cache=True,
+                  logits_to_keep=1, shared_prefix=prefix)
+        # the model's forward reads a 2D mask as long as the own cache + 1; padding is in
+        # `prefix` (own_bias), not in this mask
+        mask = mask.new_ones((input_ids.shape[0], input_ids.shape[1] if own_prefill else 1))
     elif cache is None:
         cache = DynamicCache(config=model.config)
         if input_ids.shape[1] > 1:

@@ -23,18 +23,27 @@ class SharedPrefix:
     shared prefill leaves them), their padding as an additive mask, and which prompt (`group`)
     and which of its n samples (`slot`) each decoded row is."""
 
-    def __init__(self, prefill_cache, prompt_mask, n: int, dtype):
+    def __init__(self, prefill_cache, prompt_mask, n: int, dtype, group=None):
         import torch
 
         self.keys = [layer.keys for layer in prefill_cache.layers]
         self.values = [layer.values for layer in prefill_cache.layers]
         prompts = prompt_mask.shape[0]
-        self.bias = torch.zeros(prompt_mask.shape, dtype=dtype, device=prompt_mask.device)
-        self.bias.masked_fill_(prompt_mask == 0, torch.finfo(dtype).min)
-        self.bias = self.bias[:, None, None, :]  # [prompts, 1, 1, prompt length]
-        self.n = n
-        rows = torch.arange(prompts * n, device=prompt_mask.device)
-        self.group, self.slot = rows // n, rows % n
+        self.bias = _padding_bias(prompt_mask, dtype)[:, None, None, :]  # [P, 1, 1, length]
+        self.own_bias = None  # [rows, 1, 1, T] over a row's first own tokens (`mask_own`)
+        if group is None:  # n rows per prompt, in prompt order
+            rows = torch.arange(prompts * n, device=prompt_mask.device)
+            self.n, self.group, self.slot = n, rows // n, rows % n
+        else:  # rows of one prompt are adjacent, any number of them
+            self.group = group
+            starts = torch.searchsorted(group, group)  # each row's prompt's first row
+            self.slot = torch.arange(len(group), device=group.device) - starts
+            self.n = int(self.slot.max()) + 1
+
+    def mask_own(self, own_mask) -> None:
+        """Rows' first own tokens include padding (0 in `own_mask` [rows, T]): attention skips
+        it at every later step."""
+        self.own_bias = _padding_bias(own_mask, self.bias.dtype)[:, None, None, :]
 
     def keep(self, indices) -> None:
         """Keep rows `indices` (ascending); prompts left without a row are dropped too."""
@@ -48,12 +57,43 @@ class SharedPrefix:
             self.bias = self.bias[alive]
             group = torch.searchsorted(alive, group)
         self.group, self.slot = group, self.slot[indices]
+        if self.own_bias is not None:
+            self.own_bias = self.own_bias[indices]
 
     def _grouped(self, per_row):
         """[rows, ...] -> [prompts, n, ...] (rows in their prompt's slots; empty slots 0)."""
         out = per_row.new_zeros((len(self.bias), self.n, *per_row.shape[1:]))
         out[self.group, self.slot] = per_row
         return out
+
+
+def _padding_bias(mask, dtype):
+    """0 where `mask` is 1, the dtype's lowest value where it is 0 (an additive mask)."""
+    import torch
+
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    return bias.masked_fill_(mask == 0, torch.finfo(dtype).min)
+
+
+def prefix_groups(rows: list[list[int]]) -> list[tuple[int, int, int]]:
+    """(first row, end row, shared length) per group of adjacent `rows` (token ids, sorted)
+    whose leading tokens are held once: a row joins the group before it when that saves
+    prefill tokens (its shared tokens outnumber those the group's rows would lose from the
+    shorter shared part). Every row keeps at least its last token out of the shared part."""
+    groups: list[tuple[int, int, int]] = []
+    for index, ids in enumerate(rows):
+        if groups:
+            first, end, shared = groups[-1]
+            common = min(_common_length(rows[first], ids), shared, len(ids) - 1)
+            if common > (end - first) * (shared - common):
+                groups[-1] = (first, index + 1, common)
+                continue
+        groups.append((index, index + 1, len(ids) - 1))
+    return groups
+
+
+def _common_length(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def register() -> str:
@@ -75,13 +115,13 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling: 
     import torch
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    if shared_prefix is None or query.shape[2] != 1:
+    if shared_prefix is None:
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask,
                                                scaling=scaling, dropout=dropout, **kwargs)
     prefix, layer = shared_prefix, module.layer_idx
-    rows, heads, _, dim = query.shape
+    rows, heads, length, dim = query.shape
     kv_heads = key.shape[1]
-    q = query.reshape(rows, kv_heads, heads // kv_heads, dim)  # query heads per kv head
+    q = query.reshape(rows, kv_heads, heads // kv_heads * length, dim)  # per kv head: (g, Q)
     # scores against the prompt: the n queries of a prompt against its keys in one matmul
     grouped = prefix._grouped(q).permute(0, 2, 1, 3, 4)  # [P, kv, n, g, dim]
     grouped = grouped.reshape(len(prefix.bias), kv_heads, -1, dim)
@@ -89,7 +129,9 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling: 
     on_prompt = on_prompt + prefix.bias  # [P, kv, n * g, Tp]
     on_prompt = on_prompt.reshape(len(prefix.bias), kv_heads, prefix.n, -1, on_prompt.shape[-1])
     on_prompt = on_prompt.permute(0, 2, 1, 3, 4)[prefix.group, prefix.slot]  # [rows, kv, g, Tp]
-    on_own = torch.matmul(q, key.transpose(2, 3)) * scaling  # [rows, kv, g, T own]
+    on_own = torch.matmul(q, key.transpose(2, 3)) * scaling  # [rows, kv, g * Q, T own]
+    if prefix.own_bias is not None or length > 1:
+        on_own = on_own + _own_bias(prefix.own_bias, length, heads // kv_heads, on_own)
     weights = torch.cat([on_prompt, on_own], dim=-1).softmax(-1, dtype=torch.float32)
     weights = weights.to(query.dtype)
     w_prompt, w_own = weights.split([on_prompt.shape[-1], on_own.shape[-1]], dim=-1)
@@ -98,5 +140,27 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling: 
     from_prompt = torch.matmul(grouped_w, prefix.values[layer])  # [P, kv, n * g, dim]
     from_prompt = from_prompt.reshape(len(prefix.bias), kv_heads, prefix.n, -1, dim)
     from_prompt = from_prompt.permute(0, 2, 1, 3, 4)[prefix.group, prefix.slot]
-    out = from_prompt + torch.matmul(w_own, value)  # [rows, kv, g, dim]
-    return out.reshape(rows, 1, heads, dim), None
+    out = from_prompt + torch.matmul(w_own, value)  # [rows, kv, g * Q, dim]
+    if length == 1:
+        return out.reshape(rows, 1, heads, dim), None
+    return out.reshape(rows, heads, length, dim).transpose(1, 2), None
+
+
+def _own_bias(own_bias, length: int, per_kv_head: int, scores):
+    """Additive mask over a row's own tokens for `length` new queries per head (`scores`:
+    [rows, kv, g * Q, T own]): causal among the new ones, and `own_bias`'s padding over the
+    first ones. Finite everywhere: a padding query that sees nothing gets uniform weights, not
+    NaNs that would reach the real rows through its keys and values."""
+    import torch
+
+    own_length, lowest = scores.shape[-1], torch.finfo(scores.dtype).min
+    bias = scores.new_zeros((length, own_length))
+    if length > 1:
+        future = torch.ones((length, length), dtype=torch.bool, device=scores.device).triu(1)
+        bias[:, own_length - length:].masked_fill_(future, lowest)
+    bias = bias.repeat(per_kv_head, 1)[None, None]  # [1, 1, g * Q, T own]
+    if own_bias is not None:
+        padded = own_bias.shape[-1]
+        bias = bias.expand(own_bias.shape[0], 1, -1, -1).clone()
+        bias[..., :padded] = (bias[..., :padded] + own_bias).clamp_(min=lowest)
+    return bias
