@@ -16,9 +16,13 @@ time and by CPU time of this process (steadier when other jobs share the cores);
 is the share of decoded rows x steps that were new tokens (rows that finished early still
 step until their batch's longest row ends).
 
+With `--continuations`, budget forcing's n = 1 continuations of 32 x 16 samples are timed with
+and without the `group_prefixes` engine option (greedy: are the completions identical?).
+
     python benchmarks/sampling.py                       # toy model and smollm2-135m
     python benchmarks/sampling.py --models /path/to/model --problems 32 --k 8
     python benchmarks/sampling.py --models toy --lever-models /path/to/toy --levers all
+    python benchmarks/sampling.py --models --lever-models --continuations toy
 
 `toy` is the model recorded by `backtrack toy-base` in `--output-dir`; when there is none, a
 model of the toy architecture with random weights is built (throughput does not depend on the
@@ -255,6 +259,47 @@ def bench_levers(name: str, args) -> dict:
             **{k: round(v, 1) for k, v in bound.items()}, "levers": levers}
 
 
+def bench_continuations(name: str, args) -> dict:
+    """`group_prefixes` on budget forcing's continuations: `--lever-problems` prompts x 16
+    samples, each cut at its `</think>` + the phrase, continued with n = 1 by the plain engine
+    and by the grouping one (the toy recipe's eval engine) in turn; greedy, their tokens are
+    compared, sampled, their rates."""
+    import statistics
+
+    from backtrack.chat import render_prompt
+    from backtrack.engines import GenerationParams, make_engine
+    from backtrack.models import resolve_model_path
+    from backtrack.tasks import get_task
+
+    path = toy_model_path(args.output_dir) if name == "toy" else resolve_model_path(name)
+    options = {"batch_size": 512, "cache": "dynamic", "decode": "compact", "shared_prefix": True}
+    plain = make_engine("hf", path, num_threads=args.threads or None, **options)
+    grouped = make_engine("hf", path, model=plain.model, tokenizer=plain.tokenizer,
+                          group_prefixes=True, **options)
+    task = get_task(args.task, {})
+    prompts = [render_prompt(plain.tokenizer, task.messages(p))
+               for p in task.problems("train", args.lever_problems)]
+    first = plain.generate(prompts, GenerationParams(n=16, temperature=args.temperature,
+                                                     max_new_tokens=args.lever_max_new_tokens))
+    continued = [prompts[i] + c.text[:c.text.find("</think>")] + " Wait, that's not right..."
+                 for i, row in enumerate(first) for c in row if "</think>" in c.text]
+    result = {"model": name, "continuations": len(continued)}
+    for label, temperature in (("greedy", 0.0), ("sampled", args.temperature)):
+        params = GenerationParams(n=1, temperature=temperature,
+                                  max_new_tokens=args.lever_max_new_tokens, seed=1)
+        runs = {"plain": [], "grouped": []}
+        for _ in range(args.repeats):
+            for engine, key in ((plain, "plain"), (grouped, "grouped")):
+                runs[key].append(timed_generate(engine, continued, params))
+        plain_s, grouped_s = (statistics.median(r["wall"] for r in runs[k]) for k in runs)
+        result[label] = {"plain_s": round(plain_s, 2), "grouped_s": round(grouped_s, 2),
+                         "speedup": round(plain_s / grouped_s, 2),
+                         "tokens": [runs[k][0]["tokens"] for k in runs],
+                         "same_completions": sum(a == b for a, b in zip(
+                             runs["plain"][0]["ids"], runs["grouped"][0]["ids"]))}
+    return result
+
+
 def print_levers(r: dict) -> None:
     print(f"{r['model']} at batch {r['batch']} ({r['threads']} thread(s), max_new_tokens "
           f"{r['max_new_tokens']}): decode-shape matmul {r['decode_matmul_flops_per_s'] / 1e9:.1f} "
@@ -293,6 +338,9 @@ def main() -> None:
     parser.add_argument("--lever-problems", type=int, default=32)
     parser.add_argument("--lever-max-new-tokens", type=int, default=160)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--continuations", nargs="*", default=[],
+                        help="models whose budget-forcing continuations are timed with and "
+                             "without group_prefixes (e.g. toy)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     args.levers = list(LEVERS) if args.levers == ["all"] else args.levers
@@ -312,6 +360,17 @@ def main() -> None:
         r = bench_levers(name, args)
         results.append(r)
         print_levers(r)
+    for name in args.continuations:
+        r = bench_continuations(name, args)
+        results.append(r)
+        print(f"{r['model']}: {r['continuations']} budget-forcing continuations (n = 1), plain "
+              f"engine vs group_prefixes:", flush=True)
+        for label in ("greedy", "sampled"):
+            x = r[label]
+            print(f"  {label:<8} {x['plain_s']:.2f} s vs {x['grouped_s']:.2f} s -> "
+                  f"{x['speedup']:.2f}x; new tokens {x['tokens'][0]:,} vs {x['tokens'][1]:,}; "
+                  f"identical completions {x['same_completions']} of {r['continuations']}",
+                  flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
