@@ -11,6 +11,11 @@ one softmax over both, and adds the two weighted sums: the same attention, summe
 order. This is cascade attention (FlashInfer, vLLM); transformers has no such attention for a
 batch, so it is registered through its `AttentionInterface` and fed through the model's forward
 kwargs (`shared_prefix=`), which transformers passes on to the attention function.
+
+The same holds for n = 1 prompts that share leading tokens (`prefix_groups`, the engine's
+`group_prefixes`): a problem's continuations share its prompt. Then a group's shared part is
+the prefix, and each row's rest is prefilled into its own cache through this attention too
+(several queries per row: causal among them, padding masked by `own_bias`).
 """
 
 from __future__ import annotations
