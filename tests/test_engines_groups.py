@@ -83,6 +83,23 @@ def test_grouped_prefixes_give_the_plain_engines_greedy_tokens(pair, monkeypatch
     assert all(end - first == len(PARTIALS) for first, end, _ in groups)
 
 
+def test_grouped_sampling_draws_the_plain_decodes_tokens_on_the_same_batches(pair, monkeypatch):
+    """Sampled, the only change is the batching order: the plain decode given the grouping
+    engine's batches (token order) and seeds draws exactly its tokens."""
+    plain, grouped = pair
+    prompts = continuations(plain)
+
+    def plain_decode(batch, params, seed):
+        input_ids, mask = plain._left_padded(batch)
+        return plain._compact_batch(input_ids, mask, params, seed)
+
+    monkeypatch.setattr(plain, "group_prefixes", True)  # token order...
+    monkeypatch.setattr(plain, "_grouped_batch", plain_decode)  # ...and the plain decode
+    for seed in (1, 2):
+        params = GenerationParams(n=1, temperature=1.0, max_new_tokens=12, seed=seed)
+        assert ids(plain, prompts, params) == ids(grouped, prompts, params)
+
+
 def test_grouped_sampling_repeats_for_a_seed_and_differs_across_seeds(pair):
     _, grouped = pair
     prompts = continuations(grouped)
