@@ -54,7 +54,8 @@ class HFEngine(Engine):
     transformers' CompileConfig off CUDA too (on CUDA transformers already compiles a static-
     cache decode); it pays about a minute per process on the toy model. With `decode: compact`
     and `shared_prefix` it compiles the shared-prefix decode step instead
-    (`hf_decode.compiled_step`, once per engine; calls with n = 1 keep the model's forward).
+    (`hf_decode.compiled_step`, once per engine; n = 1 calls keep the model's forward unless
+    `group_prefixes` gives them a shared prefix too).
     `shared_prefix` (`decode: compact` only) holds a prompt's KV cache once for its n samples
     (`hf_prefix`). `group_prefixes` (with `shared_prefix`) does the same across n = 1 prompts
     that share leading tokens, as the continuations of one problem do: prompts are batched in
