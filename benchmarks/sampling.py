@@ -268,6 +268,7 @@ def bench_continuations(name: str, args) -> dict:
 
     from backtrack.chat import render_prompt
     from backtrack.engines import GenerationParams, make_engine
+    from backtrack.formats import PHRASE_PRESETS, THINK_CLOSE
     from backtrack.models import resolve_model_path
     from backtrack.tasks import get_task
 
@@ -281,8 +282,9 @@ def bench_continuations(name: str, args) -> dict:
                for p in task.problems("train", args.lever_problems)]
     first = plain.generate(prompts, GenerationParams(n=16, temperature=args.temperature,
                                                      max_new_tokens=args.lever_max_new_tokens))
-    continued = [prompts[i] + c.text[:c.text.find("</think>")] + " Wait, that's not right..."
-                 for i, row in enumerate(first) for c in row if "</think>" in c.text]
+    phrase = " " + PHRASE_PRESETS["mild"]
+    continued = [prompts[i] + c.text[:c.text.find(THINK_CLOSE)] + phrase
+                 for i, row in enumerate(first) for c in row if THINK_CLOSE in c.text]
     result = {"model": name, "continuations": len(continued)}
     for label, temperature in (("greedy", 0.0), ("sampled", args.temperature)):
         params = GenerationParams(n=1, temperature=temperature,

@@ -167,13 +167,8 @@ class HFEngine(Engine):
 
         if self._grouping(params):
             return self._grouped_batch(batch, params, seed)
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, ids in enumerate(batch):
-            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            mask[row, width - len(ids):] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        input_ids, mask = self._left_padded(batch)
+        width = input_ids.shape[1]
         kwargs = dict(
             max_new_tokens=params.max_new_tokens, do_sample=params.temperature > 0,
             eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
@@ -242,14 +237,13 @@ class HFEngine(Engine):
         if any(shared == 0 for _, _, shared in groups):  # a one-token prompt: nothing to share
             input_ids, mask = self._left_padded(batch)
             return self._compact_batch(input_ids, mask, params, seed)
-        leads = [batch[first][:shared] for first, _, shared in groups]
-        lead_ids, lead_mask = self._left_padded(leads)
-        group = torch.tensor([g for g, (first, end, _) in enumerate(groups)
-                              for _ in range(first, end)], device=self.device)
-        shared = torch.tensor([shared for first, end, shared in groups
-                               for _ in range(first, end)], device=self.device)
-        rest_ids, rest_mask = self._left_padded([ids[s:] for ids, s in zip(batch,
-                                                                           shared.tolist())])
+        lead_ids, lead_mask = self._left_padded([batch[first][:shared]
+                                                 for first, _, shared in groups])
+        row_group, row_shared = zip(*[(g, shared) for g, (first, end, shared) in enumerate(groups)
+                                      for _ in range(first, end)])
+        rest_ids, rest_mask = self._left_padded([ids[s:] for ids, s in zip(batch, row_shared)])
+        group = torch.tensor(row_group, device=self.device)
+        shared = torch.tensor(row_shared, device=self.device)
         positions = shared[:, None] + (rest_mask.cumsum(-1) - 1).clamp(min=0)
         suppress = [] if self.pad_id in self._eos_set else [self.pad_id]
         with torch.inference_mode(), self._attention_scope(True):

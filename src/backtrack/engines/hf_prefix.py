@@ -36,6 +36,7 @@ class SharedPrefix:
         prompts = prompt_mask.shape[0]
         self.bias = _padding_bias(prompt_mask, dtype)[:, None, None, :]  # [P, 1, 1, length]
         self.own_bias = None  # [rows, 1, 1, T] over a row's first own tokens (`mask_own`)
+        self._scores_bias = None  # (shape key, bias): one step's own-token mask, all layers
         if group is None:  # n rows per prompt, in prompt order
             rows = torch.arange(prompts * n, device=prompt_mask.device)
             self.n, self.group, self.slot = n, rows // n, rows % n
@@ -49,6 +50,15 @@ class SharedPrefix:
         """Rows' first own tokens include padding (0 in `own_mask` [rows, T]): attention skips
         it at every later step."""
         self.own_bias = _padding_bias(own_mask, self.bias.dtype)[:, None, None, :]
+        self._scores_bias = None
+
+    def own_scores_bias(self, length: int, per_kv_head: int, scores):
+        """`_own_bias` for this step's own-token scores, built by the first layer and reused
+        by the others (the same rows, queries and cache length)."""
+        key = (scores.shape, length)
+        if self._scores_bias is None or self._scores_bias[0] != key:
+            self._scores_bias = key, _own_bias(self.own_bias, length, per_kv_head, scores)
+        return self._scores_bias[1]
 
     def keep(self, indices) -> None:
         """Keep rows `indices` (ascending); prompts left without a row are dropped too."""
@@ -64,6 +74,7 @@ class SharedPrefix:
         self.group, self.slot = group, self.slot[indices]
         if self.own_bias is not None:
             self.own_bias = self.own_bias[indices]
+            self._scores_bias = None
 
     def _grouped(self, per_row):
         """[rows, ...] -> [prompts, n, ...] (rows in their prompt's slots; empty slots 0)."""
@@ -136,7 +147,7 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling: 
     on_prompt = on_prompt.permute(0, 2, 1, 3, 4)[prefix.group, prefix.slot]  # [rows, kv, g, Tp]
     on_own = torch.matmul(q, key.transpose(2, 3)) * scaling  # [rows, kv, g * Q, T own]
     if prefix.own_bias is not None or length > 1:
-        on_own = on_own + _own_bias(prefix.own_bias, length, heads // kv_heads, on_own)
+        on_own = on_own + prefix.own_scores_bias(length, heads // kv_heads, on_own)
     weights = torch.cat([on_prompt, on_own], dim=-1).softmax(-1, dtype=torch.float32)
     weights = weights.to(query.dtype)
     w_prompt, w_own = weights.split([on_prompt.shape[-1], on_own.shape[-1]], dim=-1)
