@@ -100,6 +100,23 @@ def test_grouped_sampling_draws_the_plain_decodes_tokens_on_the_same_batches(pai
         assert ids(plain, prompts, params) == ids(grouped, prompts, params)
 
 
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_the_rests_prefilled_in_chunks_give_the_same_tokens(pair, monkeypatch, chunk):
+    """The rows' own tokens prefilled a few rows at a time (chunks of 5 split the groups of
+    3; chunks of 1 drop each row's padding columns): the plain engine's greedy tokens, and the
+    sampled tokens of one chunk for all rows."""
+    from backtrack.engines import hf_decode
+
+    plain, grouped = pair
+    prompts = continuations(plain)
+    greedy = GenerationParams(n=1, temperature=0, max_new_tokens=12, seed=0)
+    sampled = [GenerationParams(n=1, temperature=1.0, max_new_tokens=12, seed=s) for s in (1, 2)]
+    whole = [ids(grouped, prompts, params) for params in sampled]  # 12 rows in one chunk
+    monkeypatch.setattr(hf_decode, "OWN_PREFILL_ROWS", chunk)
+    assert ids(grouped, prompts, greedy) == ids(plain, prompts, greedy)
+    assert [ids(grouped, prompts, params) for params in sampled] == whole
+
+
 def test_grouped_sampling_repeats_for_a_seed_and_differs_across_seeds(pair):
     _, grouped = pair
     prompts = continuations(grouped)

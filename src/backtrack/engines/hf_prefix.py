@@ -52,6 +52,22 @@ class SharedPrefix:
         self.own_bias = _padding_bias(own_mask, self.bias.dtype)[:, None, None, :]
         self._scores_bias = None
 
+    def rows(self, start: int, end: int) -> "SharedPrefix":
+        """The same prefix for rows [start, end) alone: their prompts' keys, values and
+        padding, their groups and slots, their own-token padding."""
+        import copy
+
+        part = copy.copy(self)
+        first, last = int(self.group[start]), int(self.group[end - 1]) + 1
+        part.keys = [k[first:last] for k in self.keys]
+        part.values = [v[first:last] for v in self.values]
+        part.bias, part.group = self.bias[first:last], self.group[start:end] - first
+        part.slot = self.slot[start:end]
+        part.n = int(part.slot.max()) + 1
+        part.own_bias = None if self.own_bias is None else self.own_bias[start:end]
+        part._scores_bias = None
+        return part
+
     def own_scores_bias(self, length: int, per_kv_head: int, scores):
         """`_own_bias` for this step's own-token scores, built by the first layer and reused
         by the others (the same rows, queries and cache length)."""
