@@ -52,6 +52,20 @@ def test_options_on_give_the_same_tokens_and_leave_the_model_as_it_was(engines, 
     assert engine.model.config._attn_implementation == own  # a trainer sharing it is unaffected
 
 
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_prompts_prefilled_in_chunks_give_the_same_tokens(engines, monkeypatch, chunk):
+    """The 4 prompts (of different lengths) prefilled 1 or 3 at a time, each chunk without its
+    padding-only columns: generate's shared prefill still gives the golden tokens, and the
+    compact shared-prefix decode the tokens of one chunk."""
+    from backtrack.engines import hf_decode
+
+    compact = engines(cache="dynamic", decode="compact", shared_prefix=True)
+    whole = token_ids(compact, "shared_prefill")
+    monkeypatch.setattr(hf_decode, "PREFILL_ROWS", chunk)
+    assert token_ids(engines(), "shared_prefill") == GOLDEN["token_ids"]["shared_prefill"]
+    assert token_ids(compact, "shared_prefill") == whole
+
+
 def test_filled_attention_reads_only_the_filled_slots_with_equal_logits(engines):
     """One decode step on a static cache of 64 slots with 9 filled (row 2 left-padded): the
     filled mask has 10 columns and the logits equal those of attention over all 64."""

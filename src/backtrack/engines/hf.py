@@ -288,16 +288,17 @@ class HFEngine(Engine):
 
     def _prefill(self, input_ids, mask, keep_last: bool = False):
         """A DynamicCache of the prompt batch, all but its last token (the decode's first), or
-        all of it with `keep_last`."""
+        all of it with `keep_last`; run `PREFILL_ROWS` prompts at a time (`prefill_in_chunks`:
+        less padding, smaller intermediates)."""
         from transformers import DynamicCache
 
-        prefill = DynamicCache(config=self.model.config)
+        from backtrack.engines.hf_decode import PREFILL_ROWS, prefill_in_chunks
+
         end = input_ids.shape[1] if keep_last else -1
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        self.model(input_ids=input_ids[:, :end], attention_mask=mask[:, :end],
-                   position_ids=position_ids[:, :end], past_key_values=prefill, use_cache=True,
-                   logits_to_keep=1)
-        return prefill
+        return prefill_in_chunks(self.model, input_ids[:, :end], mask[:, :end],
+                                 position_ids[:, :end], PREFILL_ROWS,
+                                 lambda *_: (DynamicCache(config=self.model.config), {}))
 
     def _compile_kwargs(self) -> dict:
         """generate() options for compiling the decode step (or keeping it uncompiled)."""
