@@ -58,8 +58,11 @@ LEVERS = {
     # the same before 2026-12-03 (same tokens): torch.multinomial, the model's full forward
     # per step and fresh cache memory per call; see `former_decode`
     "shared_prefix_before": {"cache": "dynamic", "decode": "compact", "shared_prefix": True},
+    # the default with the prompts prefilled in one batch, padded to the longest (as before
+    # `hf_decode.prefill_in_chunks`, 2026-12-03; the same tokens)
+    "shared_prefix_one_prefill": {"cache": "dynamic", "decode": "compact", "shared_prefix": True},
 }
-FORMER = {"shared_prefix_before"}
+FORMER = {"shared_prefix_before", "shared_prefix_one_prefill"}
 DEFAULT_LEVERS = [name for name in LEVERS if "compile" not in name]
 
 
@@ -168,27 +171,33 @@ def decode_matmul(model, rows: int, seconds: float = 0.3) -> dict:
 
 
 @contextmanager
-def former_decode(engine, former: bool):
-    """With `former`, the compact decode as it was before 2026-12-03 (the same tokens, slower):
-    torch.multinomial draws, the model's full forward each step, cache memory not kept."""
+def former_decode(engine, former: str | None):
+    """The compact decode as it was (the same tokens, slower), for `former` in FORMER:
+    before 2026-12-03, torch.multinomial draws, the model's full forward each step, cache
+    memory not kept, the prompts prefilled in one batch; `shared_prefix_one_prefill` only the
+    last."""
     from backtrack.engines import hf_decode
 
-    if not former:
+    if former not in FORMER:
         yield
         return
-    saved = hf_decode.shared_prefix_step, hf_decode.multinomial_one_cpu, engine.buffers.keep
-    hf_decode.shared_prefix_step = lambda model: None
-    hf_decode.multinomial_one_cpu = lambda probs, generator: probs.multinomial(
-        1, generator=generator).squeeze(1)
-    engine.buffers.keep = False
-    engine.buffers.clear()
+    saved = (hf_decode.PREFILL_ROWS, hf_decode.shared_prefix_step, hf_decode.multinomial_one_cpu,
+             engine.buffers.keep)
+    hf_decode.PREFILL_ROWS = 1 << 30
+    if former == "shared_prefix_before":
+        hf_decode.shared_prefix_step = lambda model: None
+        hf_decode.multinomial_one_cpu = lambda probs, generator: probs.multinomial(
+            1, generator=generator).squeeze(1)
+        engine.buffers.keep = False
+        engine.buffers.clear()
     try:
         yield
     finally:
-        hf_decode.shared_prefix_step, hf_decode.multinomial_one_cpu, engine.buffers.keep = saved
+        (hf_decode.PREFILL_ROWS, hf_decode.shared_prefix_step, hf_decode.multinomial_one_cpu,
+         engine.buffers.keep) = saved
 
 
-def timed_generate(engine, prompts: list[str], params, former: bool = False) -> dict:
+def timed_generate(engine, prompts: list[str], params, former: str | None = None) -> dict:
     start, cpu = time.perf_counter(), time.process_time()
     with former_decode(engine, former):
         rows = engine.generate(prompts, params)
@@ -228,12 +237,12 @@ def bench_levers(name: str, args) -> dict:
         if "dtype" in options:  # its own weights: its own bound too
             own = decode_matmul(engines[lever].model, rows)
             own_bounds[lever] = own["decode_matmul_flops_per_s"] / own["flops_per_new_token"]
-        first = timed_generate(engines[lever], prompts, params, lever in FORMER)
+        first = timed_generate(engines[lever], prompts, params, lever)
         first_call_s[lever], first_ids[lever] = first["wall"], first["ids"]
     for _ in range(args.repeats):
         for lever in args.levers:
             runs.setdefault(lever, []).append(timed_generate(engines[lever], prompts, params,
-                                                             lever in FORMER))
+                                                             lever))
     levers = {}
     for lever, timed in runs.items():
         wall_rate = statistics.median(r["tokens"] / r["wall"] for r in timed)
@@ -251,7 +260,8 @@ def bench_levers(name: str, args) -> dict:
         baseline = levers.get("baseline", lever)
         lever["vs_baseline"] = round(lever["tokens_per_s"] / baseline["tokens_per_s"], 2)
         lever["vs_baseline_cpu"] = round(lever["tokens_per_cpu_s"] / baseline["tokens_per_cpu_s"], 2)
-    for other in ("shared_prefix_before", "compact+shared_prefix+compile"):
+    for other in ("shared_prefix_before", "shared_prefix_one_prefill",
+                  "compact+shared_prefix+compile"):
         if {other, "compact+shared_prefix"} <= set(first_ids):
             levers[other]["same_tokens"] = first_ids[other] == first_ids["compact+shared_prefix"]
     return {"model": name, "path": path, "batch": rows, "threads": torch.get_num_threads(),
