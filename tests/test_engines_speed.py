@@ -66,6 +66,31 @@ def test_prompts_prefilled_in_chunks_give_the_same_tokens(engines, monkeypatch, 
     assert token_ids(compact, "shared_prefill") == whole
 
 
+def test_a_cache_with_sliding_window_layers_is_prefilled_in_one_chunk(engines):
+    """Whole-width tensors would not fit a sliding-window layer: one call with every row."""
+    import torch
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    from backtrack.engines.hf_decode import prefill_in_chunks
+
+    model = engines().model
+    ids = torch.tensor([[0, 0, 5, 6, 7], [5, 6, 7, 8, 9], [0, 5, 6, 7, 8]])
+    mask = (ids != 0).long()
+    calls = []
+
+    def sliding_setup(start, end, first):
+        calls.append((start, end, first))
+        cache = DynamicCache(config=model.config)
+        cache.layers[0] = DynamicSlidingWindowLayer(sliding_window=64)
+        return cache, {}
+
+    with torch.inference_mode():
+        cache = prefill_in_chunks(model, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), 1,
+                                  sliding_setup)
+    assert calls[-1] == (0, 3, 0) and cache.get_seq_length() == 5
+
+
 def test_filled_attention_reads_only_the_filled_slots_with_equal_logits(engines):
     """One decode step on a static cache of 64 slots with 9 filled (row 2 left-padded): the
     filled mask has 10 columns and the logits equal those of attention over all 64."""

@@ -209,8 +209,9 @@ def prefill_in_chunks(model, input_ids, mask, positions, rows_per_chunk: int, ch
     chunk without the columns that are padding in all of its rows; returns the first chunk's
     cache holding every row's keys and values, zeros in the dropped columns (padding, which the
     caller's attention masks). `chunk_setup(start, end, first)` gives a chunk's empty cache and
-    extra forward kwargs (`first`: its first column). Off the CPU the batch is one chunk: a
-    GPU computes padding almost for free, while each chunk costs kernel launches.
+    extra forward kwargs (`first`: its first column). Off the CPU the batch is one chunk (a
+    GPU computes padding almost for free, while each chunk costs kernel launches), and so it
+    is when the cache has other layers than DynamicLayer (sliding-window ones).
 
     The rows of a batch are sorted by length (or share a prompt), so a chunk of neighbours
     needs little padding where the whole batch needs the longest row's (17 % of the toy
@@ -220,23 +221,28 @@ def prefill_in_chunks(model, input_ids, mask, positions, rows_per_chunk: int, ch
     of the toy recipe's sampling prefill in 90-95 ms instead of 123 ms in chunks of 8-16, 128
     prompts in 410-440 instead of 658 ms."""
     rows, width = input_ids.shape
-    if input_ids.device.type != "cpu":
-        rows_per_chunk = rows
-    first_cache, full = None, []
-    for start in range(0, rows, rows_per_chunk):
-        end = min(rows, start + rows_per_chunk)
+    whole = input_ids.device.type != "cpu"
+    first_cache, full, start = None, [], 0
+    while start < rows:
+        end = rows if whole else min(rows, start + rows_per_chunk)
         real = mask[start:end].any(0).nonzero()
-        first = max(0, min(int(real[0]) if len(real) else width, width - 1))
+        first = 0 if whole else max(0, min(int(real[0]) if len(real) else width, width - 1))
         cache, kwargs = chunk_setup(start, end, first)
+        if not whole and not all(type(layer) is DynamicLayer for layer in cache.layers):
+            whole = True  # sliding-window (or other) layers: assembled tensors would not fit
+            continue
         model(input_ids=input_ids[start:end, first:], attention_mask=mask[start:end, first:],
               position_ids=positions[start:end, first:], past_key_values=cache, use_cache=True,
               logits_to_keep=1, **kwargs)
+        if end == rows and start == first == 0:  # one chunk, nothing dropped
+            return cache
         if first_cache is None:
             first_cache = cache
             full = [tuple(t.new_zeros((rows, t.shape[1], width, t.shape[3]))
                           for t in (layer.keys, layer.values)) for layer in cache.layers]
         for (keys, values), layer in zip(full, cache.layers):
             keys[start:end, :, first:], values[start:end, :, first:] = layer.keys, layer.values
+        start = end
     for layer, (keys, values) in zip(first_cache.layers, full):
         layer.keys, layer.values = keys, values
     return first_cache
