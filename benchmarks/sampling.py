@@ -55,8 +55,8 @@ LEVERS = {
     # also given of its own bound, at the bf16 matmul rate (`share_of_own_bound`)
     "compact+shared_prefix+bf16": {"cache": "dynamic", "decode": "compact",
                                    "shared_prefix": True, "dtype": "bfloat16"},
-    # the same before 2026-12-03 (same tokens): torch.multinomial, the model's full forward
-    # per step and fresh cache memory per call; see `former_decode`
+    # the same before 2026-12-03's changes (same tokens): torch.multinomial, the model's full
+    # forward per step, fresh cache memory per call, one prefill batch; see `former_decode`
     "shared_prefix_before": {"cache": "dynamic", "decode": "compact", "shared_prefix": True},
     # the default with the prompts prefilled in one batch, padded to the longest (as before
     # `hf_decode.prefill_in_chunks`, 2026-12-03; the same tokens)
@@ -173,7 +173,7 @@ def decode_matmul(model, rows: int, seconds: float = 0.3) -> dict:
 @contextmanager
 def former_decode(engine, former: str | None):
     """The compact decode as it was (the same tokens, slower), for `former` in FORMER:
-    before 2026-12-03, torch.multinomial draws, the model's full forward each step, cache
+    before 2026-12-03's changes, torch.multinomial draws, the model's full forward each step, cache
     memory not kept, the prompts prefilled in one batch; `shared_prefix_one_prefill` only the
     last."""
     from backtrack.engines import hf_decode
