@@ -62,7 +62,8 @@ class SharedPrefix:
         part.keys = [k[first:last] for k in self.keys]
         part.values = [v[first:last] for v in self.values]
         part.bias, part.group = self.bias[first:last], self.group[start:end] - first
-        part.slot = self.slot[start:end]
+        part.slot = self.slot[start:end].clone()
+        part.slot[part.group == 0] -= int(part.slot[0])  # a group cut at `start`: slots from 0
         part.n = int(part.slot.max()) + 1
         part.own_bias = None if self.own_bias is None else self.own_bias[start:end]
         part._scores_bias = None
