@@ -290,15 +290,12 @@ class HFEngine(Engine):
         """A DynamicCache of the prompt batch, all but its last token (the decode's first), or
         all of it with `keep_last`; run `PREFILL_ROWS` prompts at a time (`prefill_in_chunks`:
         less padding, smaller intermediates)."""
-        from transformers import DynamicCache
-
-        from backtrack.engines.hf_decode import PREFILL_ROWS, prefill_in_chunks
+        from backtrack.engines.hf_decode import prompt_prefill
 
         end = input_ids.shape[1] if keep_last else -1
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        return prefill_in_chunks(self.model, input_ids[:, :end], mask[:, :end],
-                                 position_ids[:, :end], PREFILL_ROWS,
-                                 lambda *_: (DynamicCache(config=self.model.config), {}))
+        return prompt_prefill(self.model, input_ids[:, :end], mask[:, :end],
+                              position_ids[:, :end])
 
     def _compile_kwargs(self) -> dict:
         """generate() options for compiling the decode step (or keeping it uncompiled)."""

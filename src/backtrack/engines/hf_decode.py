@@ -248,6 +248,14 @@ def prefill_in_chunks(model, input_ids, mask, positions, rows_per_chunk: int, ch
     return first_cache
 
 
+def prompt_prefill(model, input_ids, mask, positions):
+    """A DynamicCache of left-padded prompts, `PREFILL_ROWS` at a time (`prefill_in_chunks`)."""
+    from transformers import DynamicCache
+
+    return prefill_in_chunks(model, input_ids, mask, positions, PREFILL_ROWS,
+                             lambda *_: (DynamicCache(config=model.config), {}))
+
+
 def own_prefill_in_chunks(model, input_ids, mask, positions, prefix):
     """Rows' first own tokens into their own cache (returned) through the shared-prefix
     attention, `OWN_PREFILL_ROWS` rows at a time (`prefill_in_chunks`); `prefix` masks their
@@ -295,12 +303,10 @@ def compact_decode(model, input_ids, mask, cache, max_new_tokens: int, eos_ids: 
         # the model's forward reads a 2D mask as long as the own cache + 1; padding is in
         # `prefix` (own_bias), not in this mask
         mask = mask.new_ones((input_ids.shape[0], input_ids.shape[1] if own_prefill else 1))
+    elif cache is None and input_ids.shape[1] > 1:
+        cache = prompt_prefill(model, input_ids[:, :-1], mask[:, :-1], positions[:, :-1])
     elif cache is None:
         cache = DynamicCache(config=model.config)
-        if input_ids.shape[1] > 1:
-            model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1],
-                  position_ids=positions[:, :-1], past_key_values=cache, use_cache=True,
-                  logits_to_keep=1)
     cache.layers = [PreallocatedLayer(layer, layer.get_seq_length() + max_new_tokens + 1,
                                       buffers, index)
                     if layer.is_initialized else layer for index, layer in enumerate(cache.layers)]
