@@ -5,7 +5,8 @@ config and code path: corpus, tokenizer, HF Trainer; timed over steps `--warmup`
 this machine's fp32 matmul FLOP/s on large matrices (2048^3) and on the model's own shapes, and
 the ratios. Model FLOPs per token follow PaLM's count: 6 x matmul parameters (lm_head included)
 + 12 x layers x hidden x context (attention scores and values), on real tokens only; "computed"
-FLOPs count what the kernels do, padding included. With `--levers`, each lever runs in its own
+FLOPs count what the kernels do, padding included and a shared prefix once per micro-batch
+(`shared_prefix`; so "model" FLOP/s, the transcripts' FLOPs, can exceed "computed" ones). With `--levers`, each lever runs in its own
 process, one at a time, and is compared with the baseline by tokens/s (real tokens per second)
 and by tokens per CPU-second of the process (steadier when other jobs share the cores).
 
@@ -45,9 +46,12 @@ LEVERS = {
     "group+compile": ({"length_grouped": True, "torch_compile": True, "micro_batches": 1}, {}),
     # Each random batch split into micro-batches of similar length (transformers'
     # batch_rebalance sampler + gradient accumulation): the same transcripts and loss per step.
-    # micro4 is the default since CORPUS_VERSION 4.
+    # micro4 is the default since CORPUS_VERSION 4 (with shared_prefix since 5).
     "micro2": ({"micro_batches": 2}, {}),
     "micro4": ({}, {}),
+    # micro4 with every row running the shared system prefix itself (the default until
+    # CORPUS_VERSION 5 ran each micro-batch's shared prefix once).
+    "noshare": ({"shared_prefix": False}, {}),
     "micro8": ({"micro_batches": 8}, {}),
     "micro4+compile": ({"micro_batches": 4, "torch_compile": True}, {}),
     "adamw_loop": ({"micro_batches": 1}, {"optim": "adamw_torch"}),  # the default is fused
@@ -57,6 +61,11 @@ LEVERS = {
     # instructions (AVX512_BF16, AMX); elsewhere torch emulates it.
     "micro4+bf16": ({}, {"bf16": True}),
 }
+# The one-padded-batch levers measure the toy base as it was before micro-batches, so each
+# row runs its whole transcript there too.
+for _overrides, _ in LEVERS.values():
+    if _overrides.get("micro_batches") == 1:
+        _overrides.setdefault("shared_prefix", False)
 
 
 def flops_per_token(model_config, context: int) -> float:
@@ -71,17 +80,23 @@ def flops_per_token(model_config, context: int) -> float:
 class CountingCollator:
     """Wraps the trainer's collator; records real and computed tokens and FLOPs per batch."""
 
-    def __init__(self, collator, model_config):
+    def __init__(self, collator, model_config, shared_prefix: bool = False):
         self.collator, self.model_config, self.batches = collator, model_config, []
+        self.shared_prefix = shared_prefix
 
     def __call__(self, features):
+        from backtrack.shared_prefix_training import shared_prefix_length
+
         batch = self.collator(features)
         rows, width = batch["input_ids"].shape
         lengths = [len(f["input_ids"]) for f in features]
+        cut = (shared_prefix_length(batch["input_ids"], batch["attention_mask"], batch["labels"])
+               if self.shared_prefix and "attention_mask" in batch else 0)
+        computed = rows * width - (rows - 1) * cut  # a shared prefix runs once per batch
         self.batches.append({
-            "real_tokens": sum(lengths), "computed_tokens": rows * width,
+            "real_tokens": sum(lengths), "computed_tokens": computed,
             "model_flops": sum(n * flops_per_token(self.model_config, n) for n in lengths),
-            "computed_flops": rows * width * flops_per_token(self.model_config, width)})
+            "computed_flops": computed * flops_per_token(self.model_config, width)})
         return batch
 
 
@@ -117,7 +132,7 @@ def measure_training(lever: str, steps: int, warmup: int, threads: int) -> dict:
     model = build_model(tokenizer, config)
     with tempfile.TemporaryDirectory() as work:
         trainer = make_trainer(model, tokenizer, corpus, config, Path(work), **training_args)
-        counter = CountingCollator(trainer.data_collator, model.config)
+        counter = CountingCollator(trainer.data_collator, model.config, config.shared_prefix)
         trainer.data_collator = counter
         timer = step_timer(warmup, steps)
         trainer.add_callback(timer)

@@ -277,6 +277,10 @@ def test_micro_batches_split_each_random_batch_and_keep_its_gradient(tmp_path):
     micro = [collate([dataset[i] for i in group]) for group in groups[:4]]
     whole = collate([dataset[i] for i in steps[0]])
     assert sum(b["input_ids"].numel() for b in micro) < whole["input_ids"].numel()
+    # the default shared_prefix: each micro-batch runs its common system turn once
+    from backtrack.shared_prefix_training import MIN_SHARED, shared_prefix_length
+    assert all(shared_prefix_length(b["input_ids"], b["attention_mask"], b["labels"])
+               >= MIN_SHARED for b in micro)
 
     model.train()
     model(**whole).loss.backward()

@@ -242,3 +242,41 @@ def test_balance_lengths_splits_random_steps_by_length_and_trains(built_run, tin
     _assert_trained_model(out / "models" / "rft_bt", tiny_model_dir)
     with pytest.raises(UserError, match="group_by_length"):
         TrainConfig(balance_lengths=True, group_by_length=True).validate()
+
+
+def _loss_and_grads(trainer, inputs: dict, items: int):
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, dict(inputs), num_items_in_batch=items)
+    loss.backward()
+    return float(loss.detach()), [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
+
+
+def test_shared_prefix_gives_the_plain_loss_and_gradient(built_run, tiny_model_dir, tmp_path):
+    """SFT with `shared_prefix`: each micro-batch's common prompt tokens run once, yet the loss
+    and every gradient equal those of the plain forward over the same batch."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from backtrack.shared_prefix_training import shared_prefix_length
+    from backtrack.train import load_arm_dataset, make_trainer
+
+    out = fresh_run(built_run, tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    dataset = load_arm_dataset(out / "sft", "rft_bt", tokenizer)
+    results = []
+    for shared in (False, True):
+        config = TrainConfig(output_dir=str(out), model=str(tiny_model_dir), arm="rft_bt",
+                             **{**FAST, "per_device_batch_size": 4, "shared_prefix": shared})
+        trainer = make_trainer(config, str(tiny_model_dir), tokenizer, dataset)
+        trainer.model.train()
+        inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        cut = shared_prefix_length(inputs["input_ids"], inputs["attention_mask"],
+                                   inputs["labels"])
+        assert cut >= 4  # the batch does share a prompt prefix, so the shared path runs
+        items = int((inputs["labels"][:, 1:] != -100).sum())
+        results.append(_loss_and_grads(trainer, inputs, items))
+    (plain_loss, plain), (shared_loss, grads) = results
+    assert shared_loss == pytest.approx(plain_loss, rel=1e-5)
+    assert len(grads) == len(plain)
+    for a, b in zip(plain, grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
