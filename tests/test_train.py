@@ -122,11 +122,14 @@ def _train_cmd(out: Path, model: Path, *extra: str) -> list[str]:
             *extra]
 
 
-def test_two_cpu_processes_through_accelerate(built_run, tiny_model_dir, tmp_path, cli_env):
+@pytest.mark.parametrize("shared_prefix", ["false", "true"])  # true: DDP over two forwards
+def test_two_cpu_processes_through_accelerate(built_run, tiny_model_dir, tmp_path, cli_env,
+                                              shared_prefix):
     out = fresh_run(built_run, tmp_path)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(REPO / "recipes" / "accelerate" / "cpu_2proc.yaml"), "-m", "backtrack.cli",
-           "train", *_train_cmd(out, tiny_model_dir, "--max-steps", "3")]
+           "train", *_train_cmd(out, tiny_model_dir, "--max-steps", "3",
+                                "--shared-prefix", shared_prefix)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads((out / "models" / "rft_bt" / "run.json").read_text())
@@ -280,3 +283,5 @@ def test_shared_prefix_gives_the_plain_loss_and_gradient(built_run, tiny_model_d
     assert len(grads) == len(plain)
     for a, b in zip(plain, grads):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    with pytest.raises(UserError, match="gradient_checkpointing"):
+        TrainConfig(shared_prefix=True, gradient_checkpointing=True).validate()

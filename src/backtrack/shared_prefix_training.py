@@ -59,6 +59,13 @@ def split_at_shared_prefix(model, inputs: dict) -> dict:
             "labels": labels[:, cut:], "past_key_values": cache, "use_cache": True}
 
 
+def _checkpointing(args) -> bool:
+    """Activation checkpointing drops a layer's past_key_values in training (transformers'
+    GradientCheckpointingLayer), which would leave the suffix without its prefix."""
+    value = getattr(args, "activation_checkpointing", None)  # transformers 5's name
+    return bool(getattr(args, "gradient_checkpointing", False) if value is None else value)
+
+
 def with_shared_prefix(trainer_class):
     """A subclass of the HF `trainer_class` whose training loss runs each batch's shared
     prefix once (`split_at_shared_prefix`); evaluation and prediction are left as they are."""
@@ -66,7 +73,7 @@ def with_shared_prefix(trainer_class):
     class SharedPrefix(trainer_class):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             plain = "attention_mask" in inputs and "position_ids" not in inputs  # not packed
-            if model.training and plain and "labels" in inputs:
+            if model.training and plain and "labels" in inputs and not _checkpointing(self.args):
                 inputs = split_at_shared_prefix(model, inputs)
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)

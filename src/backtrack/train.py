@@ -88,6 +88,9 @@ class TrainConfig(CommonConfig):
         if self.balance_lengths and self.group_by_length:
             raise UserError("option 'balance_lengths': set group_by_length false with it "
                             "(each orders the examples its own way)")
+        if self.shared_prefix and self.gradient_checkpointing:
+            raise UserError("option 'shared_prefix': set gradient_checkpointing false with it "
+                            "(checkpointed layers drop the shared prefix's cache)")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise UserError("option 'epochs': must be positive when max_steps is not set")
 
