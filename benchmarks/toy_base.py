@@ -6,8 +6,8 @@ this machine's fp32 matmul FLOP/s on large matrices (2048^3) and on the model's 
 the ratios. Model FLOPs per token follow PaLM's count: 6 x matmul parameters (lm_head included)
 + 12 x layers x hidden x context (attention scores and values), on real tokens only; "computed"
 FLOPs count what the kernels do, padding included and a shared prefix once per micro-batch
-(`shared_prefix`; so "model" FLOP/s, the transcripts' FLOPs, can exceed "computed" ones). With `--levers`, each lever runs in its own
-process, one at a time, and is compared with the baseline by tokens/s (real tokens per second)
+(`shared_prefix`; so "model" FLOP/s, the transcripts' FLOPs, can exceed "computed" ones).
+With `--levers`, each lever runs in its own process, one at a time, and is compared with the baseline by tokens/s (real tokens per second)
 and by tokens per CPU-second of the process (steadier when other jobs share the cores).
 
     python benchmarks/toy_base.py                      # baseline and matmul figures
@@ -28,22 +28,30 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+
+def padded(**overrides) -> dict:
+    """ToyBaseConfig overrides for the toy base as it was before micro-batches: one padded
+    batch per step, each row running its whole transcript (no shared prefix)."""
+    return {"micro_batches": 1, "shared_prefix": False, **overrides}
+
+
 # name: (ToyBaseConfig overrides, TrainingArguments overrides)
 LEVERS = {
     # One padded batch per step: the toy base before micro-batches (CORPUS_VERSION 3).
-    "baseline": ({"micro_batches": 1}, {}),
-    "pack256": ({"pack_length": 256, "micro_batches": 1}, {}),
-    "pack384": ({"pack_length": 384, "micro_batches": 1}, {}),
-    "batch32": ({"batch_size": 32, "micro_batches": 1}, {}),
-    "batch128": ({"batch_size": 128, "micro_batches": 1}, {}),
-    "compile": ({"torch_compile": True, "micro_batches": 1}, {}),
-    "pack256+compile": ({"pack_length": 256, "torch_compile": True, "micro_batches": 1}, {}),
-    "batch128+compile": ({"batch_size": 128, "torch_compile": True, "micro_batches": 1}, {}),
+    "baseline": (padded(), {}),
+    "pack256": (padded(pack_length=256), {}),
+    "pack384": (padded(pack_length=384), {}),
+    "batch32": (padded(batch_size=32), {}),
+    "batch128": (padded(batch_size=128), {}),
+    "compile": (padded(torch_compile=True), {}),
+    "pack256+compile": (padded(pack_length=256, torch_compile=True), {}),
+    "batch128+compile": (padded(batch_size=128, torch_compile=True), {}),
     # Batches of transcripts of similar length (transformers' LengthGroupedSampler): no
     # padding without packing's longer attention rows. Faster per token, but the tiny model
     # learns far worse from length-sorted batches (README), so it is not the default.
-    "group": ({"length_grouped": True, "micro_batches": 1}, {}),
-    "group+compile": ({"length_grouped": True, "torch_compile": True, "micro_batches": 1}, {}),
+    "group": (padded(length_grouped=True), {}),
+    "group+compile": (padded(length_grouped=True, torch_compile=True), {}),
     # Each random batch split into micro-batches of similar length (transformers'
     # batch_rebalance sampler + gradient accumulation): the same transcripts and loss per step.
     # micro4 is the default since CORPUS_VERSION 4 (with shared_prefix since 5).
@@ -54,18 +62,13 @@ LEVERS = {
     "noshare": ({"shared_prefix": False}, {}),
     "micro8": ({"micro_batches": 8}, {}),
     "micro4+compile": ({"micro_batches": 4, "torch_compile": True}, {}),
-    "adamw_loop": ({"micro_batches": 1}, {"optim": "adamw_torch"}),  # the default is fused
-    "threads1": ({"threads": 1, "micro_batches": 1}, {}),
-    "bf16": ({"micro_batches": 1}, {"bf16": True}),
+    "adamw_loop": (padded(), {"optim": "adamw_torch"}),  # the default is fused
+    "threads1": (padded(threads=1), {}),
+    "bf16": (padded(), {"bf16": True}),
     # bf16 autocast with the default micro-batches: fast only where the CPU has bf16
     # instructions (AVX512_BF16, AMX); elsewhere torch emulates it.
     "micro4+bf16": ({}, {"bf16": True}),
 }
-# The one-padded-batch levers measure the toy base as it was before micro-batches, so each
-# row runs its whole transcript there too.
-for _overrides, _ in LEVERS.values():
-    if _overrides.get("micro_batches") == 1:
-        _overrides.setdefault("shared_prefix", False)
 
 
 def flops_per_token(model_config, context: int) -> float:
