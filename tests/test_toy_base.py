@@ -101,7 +101,7 @@ def test_later_fields_enter_the_hash_only_when_set():
     base = ToyBaseConfig()
     assert config_hash(ToyBaseConfig(save_minutes=0.5, threads=1)) == config_hash(base)
     for field, value in (("pack_length", 256), ("torch_compile", True), ("length_grouped", True),
-                         ("micro_batches", 2)):
+                         ("micro_batches", 2), ("optimizer", "muon")):
         assert config_hash(ToyBaseConfig(**{field: value})) != config_hash(base)
 
 
@@ -206,11 +206,12 @@ def _run_killed_after_first_checkpoint(recipe, cache, env) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_sigkill_then_rerun_resumes_and_ends_at_the_uninterrupted_weights(tmp_path, monkeypatch,
-                                                                          cli_env):
+                                                                          cli_env, optimizer):
     from safetensors.torch import load_file
 
-    settings = {**TINY, "steps": 30, "eval_problems": 0}
+    settings = {**TINY, "steps": 30, "eval_problems": 0, "optimizer": optimizer}
     monkeypatch.setenv("BACKTRACK_CACHE", str(tmp_path / "whole"))
     whole = main(ToyBaseConfig(output_dir=str(tmp_path / "run0"), save_minutes=0.0, **settings))
 

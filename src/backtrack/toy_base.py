@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 # Fields added after models were cached: part of the key only when not at their default, so
 # the caches of configs that leave them alone stay valid.
-HASHED_IF_SET = ("pack_length", "torch_compile", "length_grouped", "micro_batches")
+HASHED_IF_SET = ("pack_length", "torch_compile", "length_grouped", "micro_batches", "optimizer")
 
 
 @dataclass
@@ -57,6 +57,11 @@ class ToyBaseConfig(CommonConfig):
     lr: float = option(3e-3, "Peak learning rate (AdamW, warmup then cosine decay).")
     warmup_steps: int = option(60, "Linear warmup steps.")
     weight_decay: float = option(0.01, "AdamW weight decay.")
+    optimizer: str = option("adamw", "adamw, or muon: torch.optim.Muon on the transformer "
+                                     "blocks' matrices (Moonshot's AdamW-matched lr scaling, so "
+                                     "lr and weight_decay mean the same) and AdamW on the "
+                                     "embeddings and norms (optimizers.py).",
+                            choices=("adamw", "muon"))
     corpus_size: int = option(0, "Distinct transcripts in the corpus; 0 = steps x batch_size "
                                  "(one pass, no repeats).")
     correction_rate: float = option(0.25, "Share of transcripts with a self-correction (0-1).")
@@ -234,10 +239,15 @@ def make_trainer(model, tokenizer, corpus, config: ToyBaseConfig, work_dir: Path
         "train_sampling_strategy": sampling_strategy(config.length_grouped,
                                                      config.micro_batches > 1),
         **training_args})
+    optimizers = (None, None)
+    if config.optimizer == "muon":
+        from backtrack.optimizers import muon_with_adamw
+
+        optimizers = (muon_with_adamw(model, config.lr, config.weight_decay), None)
     collator = (PackingCollator(tokenizer.pad_token_id, config.pack_length) if config.pack_length
                 else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
     return trainer_class(
-        model=model, args=args, data_collator=collator,
+        model=model, args=args, data_collator=collator, optimizers=optimizers,
         train_dataset=TranscriptDataset(tokenizer, corpus, loss_kinds(config)),
         callbacks=([_time_cap_callback(config.max_minutes)] if config.max_minutes > 0 else [])
         + ([_periodic_save_callback(config.save_minutes)] if config.save_minutes > 0 else []))
