@@ -62,7 +62,7 @@ LEVERS = {
     "noshare": ({"shared_prefix": False}, {}),
     "micro8": ({"micro_batches": 8}, {}),
     "micro4+compile": ({"micro_batches": 4, "torch_compile": True}, {}),
-    "adamw_loop": (padded(), {"optim": "adamw_torch"}),  # the default is fused
+    "adamw_loop": (padded(optimizer="adamw"), {"optim": "adamw_torch"}),  # AdamW: fused by default
     "threads1": (padded(threads=1), {}),
     "bf16": (padded(), {"bf16": True}),
     # bf16 autocast with the default micro-batches: fast only where the CPU has bf16

@@ -59,7 +59,7 @@ class ToyBaseConfig(CommonConfig):
     lr: float = option(6e-3, "Peak learning rate (warmup then cosine decay); AdamW's before "
                              "CORPUS_VERSION 6 was 3e-3 over 600 steps.")
     warmup_steps: int = option(20, "Linear warmup steps.")
-    weight_decay: float = option(0.01, "AdamW weight decay.")
+    weight_decay: float = option(0.01, "Decoupled weight decay (Muon's and AdamW's).")
     optimizer: str = option("muon", "muon: torch.optim.Muon on the transformer blocks' "
                                     "matrices (Moonshot's AdamW-matched lr scaling, so lr and "
                                     "weight_decay mean the same) and AdamW on the embeddings "
