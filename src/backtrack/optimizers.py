@@ -34,8 +34,20 @@ class MuonWithAdamW(torch.optim.Optimizer):
         for group in self._adamw.param_groups:
             group["muon"] = False
         # The group dicts are the inner optimizers' own (add_param_group keeps the dict), so a
-        # scheduler's lr change reaches them; `step` re-links after a load_state_dict.
+        # scheduler's lr change reaches them.
         super().__init__(self._muon.param_groups + self._adamw.param_groups, defaults={})
+        self._link()
+
+    def _link(self) -> None:
+        """Point the inner optimizers at this one's groups and state (once at construction,
+        again after `load_state_dict`, which replaces both)."""
+        for inner, is_muon in ((self._muon, True), (self._adamw, False)):
+            inner.param_groups = [g for g in self.param_groups if g["muon"] is is_muon]
+            inner.state = self.state
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        self._link()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -43,9 +55,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for inner, is_muon in ((self._muon, True), (self._adamw, False)):
-            inner.param_groups = [g for g in self.param_groups if g["muon"] is is_muon]
-            inner.state = self.state
+        for inner in (self._muon, self._adamw):
             if inner.param_groups:
                 inner.step()
         return loss
