@@ -61,8 +61,12 @@ LEVERS = {
     # the default with the prompts prefilled in one batch, padded to the longest (as before
     # `hf_decode.prefill_in_chunks`, 2026-12-03; the same tokens)
     "shared_prefix_one_prefill": {"cache": "dynamic", "decode": "compact", "shared_prefix": True},
+    # the default with each row's own cache sized for the whole generation and the rows always
+    # grouped by scatter and gather (as before `hf_decode.CACHE_SLACK` and
+    # `SharedPrefix.full`, 2026-12-07; the same tokens)
+    "shared_prefix_loose_cache": {"cache": "dynamic", "decode": "compact", "shared_prefix": True},
 }
-FORMER = {"shared_prefix_before", "shared_prefix_one_prefill"}
+FORMER = {"shared_prefix_before", "shared_prefix_one_prefill", "shared_prefix_loose_cache"}
 DEFAULT_LEVERS = [name for name in LEVERS if "compile" not in name]
 
 
@@ -173,17 +177,24 @@ def decode_matmul(model, rows: int, seconds: float = 0.3) -> dict:
 @contextmanager
 def former_decode(engine, former: str | None):
     """The compact decode as it was (the same tokens, slower), for `former` in FORMER:
-    before 2026-12-03's changes, torch.multinomial draws, the model's full forward each step, cache
-    memory not kept, the prompts prefilled in one batch; `shared_prefix_one_prefill` only the
-    last."""
-    from backtrack.engines import hf_decode
+    `shared_prefix_loose_cache` before 2026-12-07's changes (the own cache sized for the whole
+    generation, rows grouped by scatter and gather); `shared_prefix_one_prefill` also the
+    prompts prefilled in one batch; `shared_prefix_before` also torch.multinomial draws, the
+    model's full forward each step and cache memory not kept (before 2026-12-03)."""
+    from backtrack.engines import hf_decode, hf_prefix
 
     if former not in FORMER:
         yield
         return
     saved = (hf_decode.PREFILL_ROWS, hf_decode.shared_prefix_step, hf_decode.multinomial_one_cpu,
-             engine.buffers.keep)
-    hf_decode.PREFILL_ROWS = 1 << 30
+             engine.buffers.keep, hf_decode.CACHE_SLACK, hf_prefix.SharedPrefix._check_full)
+    hf_decode.CACHE_SLACK = None
+
+    def never_full(prefix):
+        prefix.full = False
+    hf_prefix.SharedPrefix._check_full = never_full
+    if former != "shared_prefix_loose_cache":
+        hf_decode.PREFILL_ROWS = 1 << 30
     if former == "shared_prefix_before":
         hf_decode.shared_prefix_step = lambda model: None
         hf_decode.multinomial_one_cpu = lambda probs, generator: probs.multinomial(
@@ -194,7 +205,7 @@ def former_decode(engine, former: str | None):
         yield
     finally:
         (hf_decode.PREFILL_ROWS, hf_decode.shared_prefix_step, hf_decode.multinomial_one_cpu,
-         engine.buffers.keep) = saved
+         engine.buffers.keep, hf_decode.CACHE_SLACK, hf_prefix.SharedPrefix._check_full) = saved
 
 
 def timed_generate(engine, prompts: list[str], params, former: str | None = None) -> dict:
@@ -261,7 +272,7 @@ def bench_levers(name: str, args) -> dict:
         lever["vs_baseline"] = round(lever["tokens_per_s"] / baseline["tokens_per_s"], 2)
         lever["vs_baseline_cpu"] = round(lever["tokens_per_cpu_s"] / baseline["tokens_per_cpu_s"], 2)
     for other in ("shared_prefix_before", "shared_prefix_one_prefill",
-                  "compact+shared_prefix+compile"):
+                  "shared_prefix_loose_cache", "compact+shared_prefix+compile"):
         if {other, "compact+shared_prefix"} <= set(first_ids):
             levers[other]["same_tokens"] = first_ids[other] == first_ids["compact+shared_prefix"]
     return {"model": name, "path": path, "batch": rows, "threads": torch.get_num_threads(),

@@ -379,3 +379,80 @@ def test_shared_prefix_drops_prompts_left_without_rows():
     assert prefix.values[0][:, 0, 0, 0].tolist() == [10.0, 12.0]
     assert (prefix.bias[:, 0, 0] < 0).tolist() == [[True, False, False, False],
                                                   [True, True, False, False]]
+
+
+def test_cache_with_slack_moves_when_full_and_keeps_its_rows_close():
+    """With `slack` 2 the own-token cache has room for 2 more tokens: the third update moves
+    the filled part into the other kept buffer, the next row-head's keys always start at most
+    2 slots after a row-head's last one, and every view holds what was written, after a move
+    and after rows are dropped too. Without slack a cache that is full refuses more."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    from backtrack.engines.hf_decode import DecodeBuffers, PreallocatedLayer
+
+    start = torch.randn(3, 2, 1, 4)
+    layer = DynamicLayer()
+    layer.update(start, -start)
+    buffers = DecodeBuffers()
+    cache = PreallocatedLayer(layer, 100, buffers, index=0, slack=2)
+    written, pointers = [start], set()
+    for step in range(5):
+        new = torch.randn(3, 2, 1, 4)
+        keys, values = cache.update(new, -new)
+        written.append(new)
+        expected = torch.cat(written, dim=2)
+        assert torch.equal(keys, expected) and torch.equal(values, -expected)
+        gap = keys.stride(1) // 4 - keys.shape[2]  # free slots between two row-heads' keys
+        assert 0 <= gap <= 2, (step, gap)
+        pointers.add(keys.data_ptr())
+    assert len(pointers) == 2  # moved (twice): between the two kept buffers, no fresh memory
+    assert {name[2] for name in buffers._storage} == {0, 1}
+    cache.batch_select_indices(torch.tensor([0, 2]))
+    expected = torch.cat(written, dim=2)[[0, 2]]
+    assert torch.equal(cache.keys, expected) and torch.equal(cache.values, -expected)
+    new = torch.randn(2, 2, 1, 4)
+    keys, _ = cache.update(new, -new)
+    assert torch.equal(keys, torch.cat([expected, new], dim=2))
+
+    full = PreallocatedLayer(layer, 1)  # no slack: room for the prefill's one token only
+    with pytest.raises(ValueError, match="exceed its capacity"):
+        full.update(start, start)
+
+
+def test_a_full_batch_groups_rows_by_reshape_with_the_same_attention():
+    """While every prompt has its n rows in order, the shared-prefix attention groups rows by
+    reshaping; once a row is dropped, by scatter and gather. Both give the same output, bit for
+    bit, for the full batch (forced through the gather) and a batch that lost rows."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import DynamicCache
+
+    from backtrack.engines.hf_prefix import SharedPrefix, shared_prefix_attention
+
+    generator = torch.Generator().manual_seed(0)
+    cache = DynamicCache()
+    cache.update(torch.randn(3, 2, 5, 8, generator=generator),
+                 torch.randn(3, 2, 5, 8, generator=generator), 0)
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    prefix = SharedPrefix(cache, mask, 2, torch.float32)
+    module = SimpleNamespace(layer_idx=0)
+
+    query = torch.randn(6, 4, 1, 8, generator=generator)
+    own = torch.randn(6, 2, 3, 8, generator=generator)
+
+    def attend(rows, full: bool):
+        prefix.full = full
+        return shared_prefix_attention(module, query[rows], own[rows], -own[rows], None, 0.3,
+                                       shared_prefix=prefix)[0]
+
+    assert prefix.full
+    by_reshape = attend(slice(None), True)
+    assert torch.equal(by_reshape, attend(slice(None), False))
+    prefix.keep(torch.arange(6))  # nothing dropped: still full
+    assert prefix.full
+    kept = [0, 1, 2, 4, 5]
+    prefix.keep(torch.tensor(kept))
+    assert not prefix.full and prefix.slot.tolist() == [0, 1, 0, 0, 1]
+    assert torch.allclose(attend(kept, False), by_reshape[kept], rtol=0, atol=1e-6)

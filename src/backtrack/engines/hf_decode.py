@@ -53,23 +53,36 @@ class DecodeBuffers:
 
 
 class PreallocatedLayer(DynamicLayer):
-    """A DynamicLayer whose keys and values live in a buffer with room for `capacity` tokens:
-    `update` writes in place and returns views of the filled part, so no step copies the
-    cache. Keeps the layer's existing content (the prefill)."""
+    """A DynamicLayer whose keys and values live in a buffer with room for more tokens:
+    `update` writes in place and returns views of the filled part, so most steps copy nothing.
+    Keeps the layer's existing content (the prefill).
+
+    With `slack` None the buffer has room for `capacity` tokens (the whole generation). With
+    `slack` s it has room for s tokens past the filled part, and a step that overflows it moves
+    the cache into a buffer with s free slots again (two kept buffers, used in turn): each
+    (row, head)'s keys then sit at most s slots apart from the next one's. On a CPU that gap
+    decides the attention's speed: the own-token matmuls over a [128 x 4 x 30 x 40] cache read
+    at most 2 slots apart took 310-340 us, 4 or more slots apart 720-960 us, the prefetcher's
+    streams breaking at every gap (`benchmarks/decode_breakdown.py`, README)."""
 
     def __init__(self, layer: DynamicLayer, capacity: int, buffers: DecodeBuffers | None = None,
-                 index: int = 0):
+                 index: int = 0, slack: int | None = None):
         super().__init__()
         keys, values = layer.keys, layer.values
         rows, heads, length, dim = keys.shape
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-        shape = (rows, heads, max(capacity, length), dim)
-        buffers = buffers or DecodeBuffers(keep=False)
-        self._keys = buffers.take((index, "keys"), shape, keys)
-        self._values = buffers.take((index, "values"), shape, values)
+        self._buffers = buffers or DecodeBuffers(keep=False)
+        self._index, self._slack, self._side = index, slack, 0
+        room = max(capacity, length) if slack is None else length + slack
+        self._keys, self._values = self._take(rows, room, keys)
         self._keys[:, :, :length], self._values[:, :, :length] = keys, values
         self.length = length
         self._views()
+
+    def _take(self, rows: int, room: int, like):
+        shape = (rows, like.shape[1], room, like.shape[3])
+        return tuple(self._buffers.take((self._index, part, self._side), shape, like)
+                     for part in ("keys", "values"))
 
     def _views(self) -> None:
         self.keys = self._keys[:, :, :self.length]
@@ -78,13 +91,22 @@ class PreallocatedLayer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         end = self.length + key_states.shape[-2]
         if end > self._keys.shape[2]:
-            raise ValueError(f"PreallocatedLayer: {end} tokens exceed its capacity "
-                             f"{self._keys.shape[2]}")
+            if self._slack is None:
+                raise ValueError(f"PreallocatedLayer: {end} tokens exceed its capacity "
+                                 f"{self._keys.shape[2]}")
+            self._move(end + self._slack)
         self._keys[:, :, self.length:end] = key_states
         self._values[:, :, self.length:end] = value_states
         self.length = end
         self._views()
         return self.keys, self.values
+
+    def _move(self, room: int) -> None:
+        """The filled part into the other kept buffer, with room for `room` tokens."""
+        self._side ^= 1
+        keys, values = self._take(self._keys.shape[0], room, self._keys)
+        keys[:, :, :self.length], values[:, :, :self.length] = self.keys, self.values
+        self._keys, self._values = keys, values
 
     def get_seq_length(self) -> int:
         return self.length
@@ -199,6 +221,10 @@ def compiled_step(model):
     return None if step is None else torch.compile(step, dynamic=True)
 
 
+# Free slots past a row's cached tokens on CPU (`PreallocatedLayer`'s `slack`; on CUDA the
+# buffer holds the whole generation). None: the whole generation on CPU too.
+CACHE_SLACK = 2
+
 # Rows per chunk of `prefill_in_chunks` on CPU (benchmarks/sampling.py; on CUDA one chunk)
 OWN_PREFILL_ROWS = 32  # `own_prefill_in_chunks`
 PREFILL_ROWS = 16  # the engine's prompt prefill
@@ -307,8 +333,9 @@ def compact_decode(model, input_ids, mask, cache, max_new_tokens: int, eos_ids: 
         cache = prompt_prefill(model, input_ids[:, :-1], mask[:, :-1], positions[:, :-1])
     elif cache is None:
         cache = DynamicCache(config=model.config)
+    slack = None if input_ids.device.type != "cpu" else CACHE_SLACK
     cache.layers = [PreallocatedLayer(layer, layer.get_seq_length() + max_new_tokens + 1,
-                                      buffers, index)
+                                      buffers, index, slack)
                     if layer.is_initialized else layer for index, layer in enumerate(cache.layers)]
     forward = (step or shared_prefix_step(model)) if prefix is not None else None
     generator = torch.Generator(device=input_ids.device).manual_seed(seed)

@@ -45,6 +45,16 @@ class SharedPrefix:
             starts = torch.searchsorted(group, group)  # each row's prompt's first row
             self.slot = torch.arange(len(group), device=group.device) - starts
             self.n = int(self.slot.max()) + 1
+        self._check_full()
+
+    def _check_full(self) -> None:
+        """Whether the rows are every prompt's n slots in order (the batch before a row ends):
+        then grouping rows by prompt is a reshape, not a scatter and a gather."""
+        import torch
+
+        rows = len(self.group)
+        self.full = rows == len(self.bias) * self.n and bool(
+            (self.slot == torch.arange(rows, device=self.slot.device) % self.n).all())
 
     def mask_own(self, own_mask) -> None:
         """Rows' first own tokens include padding (0 in `own_mask` [rows, T]): attention skips
@@ -67,6 +77,7 @@ class SharedPrefix:
         part.n = int(part.slot.max()) + 1
         part.own_bias = None if self.own_bias is None else self.own_bias[start:end]
         part._scores_bias = None
+        part._check_full()
         return part
 
     def own_scores_bias(self, length: int, per_kv_head: int, scores):
@@ -92,12 +103,21 @@ class SharedPrefix:
         if self.own_bias is not None:
             self.own_bias = self.own_bias[indices]
             self._scores_bias = None
+        self._check_full()
 
     def _grouped(self, per_row):
         """[rows, ...] -> [prompts, n, ...] (rows in their prompt's slots; empty slots 0)."""
+        if self.full:
+            return per_row.reshape(len(self.bias), self.n, *per_row.shape[1:])
         out = per_row.new_zeros((len(self.bias), self.n, *per_row.shape[1:]))
         out[self.group, self.slot] = per_row
         return out
+
+    def _per_row(self, grouped):
+        """[prompts, n, ...] -> [rows, ...] (`_grouped`'s inverse)."""
+        if self.full:
+            return grouped.reshape(len(self.group), *grouped.shape[2:])
+        return grouped[self.group, self.slot]
 
 
 def _padding_bias(mask, dtype):
@@ -161,7 +181,7 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling: 
     on_prompt = torch.matmul(grouped, prefix.keys[layer].transpose(2, 3)) * scaling
     on_prompt = on_prompt + prefix.bias  # [P, kv, n * g, Tp]
     on_prompt = on_prompt.reshape(len(prefix.bias), kv_heads, prefix.n, -1, on_prompt.shape[-1])
-    on_prompt = on_prompt.permute(0, 2, 1, 3, 4)[prefix.group, prefix.slot]  # [rows, kv, g, Tp]
+    on_prompt = prefix._per_row(on_prompt.permute(0, 2, 1, 3, 4))  # [rows, kv, g, Tp]
     on_own = torch.matmul(q, key.transpose(2, 3)) * scaling  # [rows, kv, g * Q, T own]
     if prefix.own_bias is not None or length > 1:
         on_own = on_own + prefix.own_scores_bias(length, heads // kv_heads, on_own)
@@ -172,7 +192,7 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling: 
     grouped_w = grouped_w.reshape(len(prefix.bias), kv_heads, -1, w_prompt.shape[-1])
     from_prompt = torch.matmul(grouped_w, prefix.values[layer])  # [P, kv, n * g, dim]
     from_prompt = from_prompt.reshape(len(prefix.bias), kv_heads, prefix.n, -1, dim)
-    from_prompt = from_prompt.permute(0, 2, 1, 3, 4)[prefix.group, prefix.slot]
+    from_prompt = prefix._per_row(from_prompt.permute(0, 2, 1, 3, 4))
     out = from_prompt + torch.matmul(w_own, value)  # [rows, kv, g * Q, dim]
     if length == 1:
         return out.reshape(rows, 1, heads, dim), None
