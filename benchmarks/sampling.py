@@ -55,18 +55,24 @@ LEVERS = {
     # also given of its own bound, at the bf16 matmul rate (`share_of_own_bound`)
     "compact+shared_prefix+bf16": {"cache": "dynamic", "decode": "compact",
                                    "shared_prefix": True, "dtype": "bfloat16"},
-    # the same before 2026-12-03's changes (same tokens): torch.multinomial, the model's full
-    # forward per step, fresh cache memory per call, one prefill batch; see `former_decode`
-    "shared_prefix_before": {"cache": "dynamic", "decode": "compact", "shared_prefix": True},
-    # the default with the prompts prefilled in one batch, padded to the longest (as before
-    # `hf_decode.prefill_in_chunks`, 2026-12-03; the same tokens)
-    "shared_prefix_one_prefill": {"cache": "dynamic", "decode": "compact", "shared_prefix": True},
-    # the default with each row's own cache sized for the whole generation and the rows always
-    # grouped by scatter and gather (as before `hf_decode.CACHE_SLACK` and
-    # `SharedPrefix.full`, 2026-12-07; the same tokens)
+    # The default as it was (`former_decode`), newest first. Each prompt prefilled whole (as
+    # before `hf_prefill.common_start`, 2026-12-07; another float summation order, so other
+    # tokens; the levers below give its tokens)
+    "shared_prefix_whole_prompts": {"cache": "dynamic", "decode": "compact",
+                                    "shared_prefix": True},
+    # ... and each row's own cache sized for the whole generation, the rows always grouped by
+    # scatter and gather (as before `hf_decode.CACHE_SLACK` and `SharedPrefix.full`,
+    # 2026-12-07; the same tokens as the lever above)
     "shared_prefix_loose_cache": {"cache": "dynamic", "decode": "compact", "shared_prefix": True},
+    # ... and the prompts prefilled in one batch, padded to the longest (as before
+    # `hf_prefill.prefill_in_chunks`, 2026-12-03)
+    "shared_prefix_one_prefill": {"cache": "dynamic", "decode": "compact", "shared_prefix": True},
+    # ... and torch.multinomial, the model's full forward per step, fresh cache memory per
+    # call (as before 2026-12-03)
+    "shared_prefix_before": {"cache": "dynamic", "decode": "compact", "shared_prefix": True},
 }
-FORMER = {"shared_prefix_before", "shared_prefix_one_prefill", "shared_prefix_loose_cache"}
+FORMER = {"shared_prefix_whole_prompts", "shared_prefix_loose_cache", "shared_prefix_one_prefill",
+          "shared_prefix_before"}
 DEFAULT_LEVERS = [name for name in LEVERS if "compile" not in name]
 
 
@@ -174,38 +180,56 @@ def decode_matmul(model, rows: int, seconds: float = 0.3) -> dict:
             "flops_per_new_token": 2 * matmul_params}
 
 
-@contextmanager
-def former_decode(engine, former: str | None):
-    """The compact decode as it was (the same tokens, slower), for `former` in FORMER:
-    `shared_prefix_loose_cache` before 2026-12-07's changes (the own cache sized for the whole
-    generation, rows grouped by scatter and gather); `shared_prefix_one_prefill` also the
-    prompts prefilled in one batch; `shared_prefix_before` also torch.multinomial draws, the
-    model's full forward each step and cache memory not kept (before 2026-12-03)."""
-    from backtrack.engines import hf_decode, hf_prefix
+# The compact decode as it was (FORMER), newest first; each former lever undoes its own change
+# and every newer one (the tokens of `shared_prefix_whole_prompts` and older differ from the
+# default's in float summation order only; among themselves they are the same)
+FORMER_ORDER = ["shared_prefix_whole_prompts", "shared_prefix_loose_cache",
+                "shared_prefix_one_prefill", "shared_prefix_before"]
 
-    if former not in FORMER:
-        yield
-        return
-    saved = (hf_decode.PREFILL_ROWS, hf_decode.shared_prefix_step, hf_decode.multinomial_one_cpu,
-             engine.buffers.keep, hf_decode.CACHE_SLACK, hf_prefix.SharedPrefix._check_full)
-    hf_decode.CACHE_SLACK = None
+
+def _undo(former: str, engine) -> dict:
+    """(module, attribute) -> the value it had before `former`'s change."""
+    from backtrack.engines import hf_decode, hf_prefill, hf_prefix
 
     def never_full(prefix):
         prefix.full = False
-    hf_prefix.SharedPrefix._check_full = never_full
-    if former != "shared_prefix_loose_cache":
-        hf_decode.PREFILL_ROWS = 1 << 30
-    if former == "shared_prefix_before":
-        hf_decode.shared_prefix_step = lambda model: None
-        hf_decode.multinomial_one_cpu = lambda probs, generator: probs.multinomial(
-            1, generator=generator).squeeze(1)
-        engine.buffers.keep = False
+
+    return {
+        # 2026-12-07: prompts' common start prefilled once (`hf_prefill.common_start`)
+        "shared_prefix_whole_prompts": {(hf_prefill, "MIN_COMMON_START"): 1 << 30},
+        # 2026-12-07: own cache kept near tight (`CACHE_SLACK`), rows grouped by reshape
+        "shared_prefix_loose_cache": {(hf_decode, "CACHE_SLACK"): None,
+                                      (hf_prefix.SharedPrefix, "_check_full"): never_full},
+        # 2026-12-03: prompts prefilled in chunks (`hf_prefill.prefill_in_chunks`)
+        "shared_prefix_one_prefill": {(hf_prefill, "PREFILL_ROWS"): 1 << 30},
+        # 2026-12-03: CPU sampler, the lean step, kept cache memory
+        "shared_prefix_before": {
+            (hf_decode, "shared_prefix_step"): lambda model: None,
+            (hf_decode, "multinomial_one_cpu"): lambda probs, generator: probs.multinomial(
+                1, generator=generator).squeeze(1),
+            (engine.buffers, "keep"): False},
+    }[former]
+
+
+@contextmanager
+def former_decode(engine, former: str | None):
+    """The compact decode as it was before `former`'s change and every newer one (FORMER)."""
+    if former not in FORMER:
+        yield
+        return
+    changes: dict = {}
+    for older in FORMER_ORDER[:FORMER_ORDER.index(former) + 1]:
+        changes.update(_undo(older, engine))
+    saved = {key: getattr(*key) for key in changes}
+    for (owner, name), value in changes.items():
+        setattr(owner, name, value)
+    if not engine.buffers.keep:
         engine.buffers.clear()
     try:
         yield
     finally:
-        (hf_decode.PREFILL_ROWS, hf_decode.shared_prefix_step, hf_decode.multinomial_one_cpu,
-         engine.buffers.keep, hf_decode.CACHE_SLACK, hf_prefix.SharedPrefix._check_full) = saved
+        for (owner, name), value in saved.items():
+            setattr(owner, name, value)
 
 
 def timed_generate(engine, prompts: list[str], params, former: str | None = None) -> dict:
@@ -271,10 +295,13 @@ def bench_levers(name: str, args) -> dict:
         baseline = levers.get("baseline", lever)
         lever["vs_baseline"] = round(lever["tokens_per_s"] / baseline["tokens_per_s"], 2)
         lever["vs_baseline_cpu"] = round(lever["tokens_per_cpu_s"] / baseline["tokens_per_cpu_s"], 2)
-    for other in ("shared_prefix_before", "shared_prefix_one_prefill",
-                  "shared_prefix_loose_cache", "compact+shared_prefix+compile"):
-        if {other, "compact+shared_prefix"} <= set(first_ids):
-            levers[other]["same_tokens"] = first_ids[other] == first_ids["compact+shared_prefix"]
+    for other in FORMER | {"compact+shared_prefix+compile"}:
+        # the older levers against the newest one whose tokens they should give
+        reference = ("shared_prefix_whole_prompts" if other in FORMER and other in first_ids
+                     and "shared_prefix_whole_prompts" in first_ids else "compact+shared_prefix")
+        if other != reference and {other, reference} <= set(first_ids):
+            levers[other]["same_tokens"] = first_ids[other] == first_ids[reference]
+            levers[other]["same_tokens_as"] = reference
     return {"model": name, "path": path, "batch": rows, "threads": torch.get_num_threads(),
             "max_new_tokens": args.lever_max_new_tokens, "repeats": args.repeats,
             **{k: round(v, 1) for k, v in bound.items()}, "levers": levers}
@@ -334,7 +361,7 @@ def print_levers(r: dict) -> None:
               f"of bound ({x['vs_baseline']:.2f}x baseline); {x['tokens_per_cpu_s']:>8,.0f} "
               f"tok/CPU-s = {100 * x['share_of_bound_cpu']:5.1f}% ({x['vs_baseline_cpu']:.2f}x); "
               f"occupancy {x['occupancy']:.2f}; first call {x['first_call_s']} s"
-              + (f"; same tokens as compact+shared_prefix: {x['same_tokens']}"
+              + (f"; same tokens as {x['same_tokens_as']}: {x['same_tokens']}"
                  if "same_tokens" in x else "")
               + (f"; {100 * x['share_of_own_bound']:.1f}% of its own bound "
                  f"({x['own_bound_tokens_per_s']:,.0f} tok/s)" if "share_of_own_bound" in x

@@ -105,14 +105,14 @@ def test_the_rests_prefilled_in_chunks_give_the_same_tokens(pair, monkeypatch, c
     """The rows' own tokens prefilled a few rows at a time (chunks of 5 split the groups of
     3; chunks of 1 drop each row's padding columns): the plain engine's greedy tokens, and the
     sampled tokens of one chunk for all rows."""
-    from backtrack.engines import hf_decode
+    from backtrack.engines import hf_prefill
 
     plain, grouped = pair
     prompts = continuations(plain)
     greedy = GenerationParams(n=1, temperature=0, max_new_tokens=12, seed=0)
     sampled = [GenerationParams(n=1, temperature=1.0, max_new_tokens=12, seed=s) for s in (1, 2)]
     whole = [ids(grouped, prompts, params) for params in sampled]  # 12 rows in one chunk
-    monkeypatch.setattr(hf_decode, "OWN_PREFILL_ROWS", chunk)
+    monkeypatch.setattr(hf_prefill, "OWN_PREFILL_ROWS", chunk)
     assert ids(grouped, prompts, greedy) == ids(plain, prompts, greedy)
     assert [ids(grouped, prompts, params) for params in sampled] == whole
 

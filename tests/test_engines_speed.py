@@ -57,11 +57,11 @@ def test_prompts_prefilled_in_chunks_give_the_same_tokens(engines, monkeypatch, 
     """The 4 prompts (of different lengths) prefilled 1 or 3 at a time, each chunk without its
     padding-only columns: generate's shared prefill still gives the golden tokens, and the
     compact shared-prefix decode the tokens of one chunk."""
-    from backtrack.engines import hf_decode
+    from backtrack.engines import hf_prefill
 
     compact = engines(cache="dynamic", decode="compact", shared_prefix=True)
     whole = token_ids(compact, "shared_prefill")
-    monkeypatch.setattr(hf_decode, "PREFILL_ROWS", chunk)
+    monkeypatch.setattr(hf_prefill, "PREFILL_ROWS", chunk)
     assert token_ids(engines(), "shared_prefill") == GOLDEN["token_ids"]["shared_prefill"]
     assert token_ids(compact, "shared_prefill") == whole
 
@@ -72,7 +72,7 @@ def test_a_cache_with_sliding_window_layers_is_prefilled_in_one_chunk(engines):
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicSlidingWindowLayer
 
-    from backtrack.engines.hf_decode import prefill_in_chunks
+    from backtrack.engines.hf_prefill import prefill_in_chunks
 
     model = engines().model
     ids = torch.tensor([[0, 0, 5, 6, 7], [5, 6, 7, 8, 9], [0, 5, 6, 7, 8]])
@@ -266,8 +266,8 @@ def test_shared_prefix_step_gives_the_models_logits_bit_for_bit(engines):
     import torch
     from transformers import DynamicCache
 
-    from backtrack.engines.hf_decode import (PreallocatedLayer, own_tokens_cache,
-                                             shared_prefix_step)
+    from backtrack.engines.hf_decode import PreallocatedLayer, shared_prefix_step
+    from backtrack.engines.hf_prefill import own_tokens_cache
     from backtrack.engines.hf_prefix import SharedPrefix, register
 
     model = engines().model

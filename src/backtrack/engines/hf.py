@@ -247,8 +247,9 @@ class HFEngine(Engine):
         positions = shared[:, None] + (rest_mask.cumsum(-1) - 1).clamp(min=0)
         suppress = [] if self.pad_id in self._eos_set else [self.pad_id]
         with torch.inference_mode(), self._attention_scope(True):
-            prefill = self._prefill(lead_ids, lead_mask, keep_last=True)
-            prefix = SharedPrefix(prefill, lead_mask, 1, self.model.dtype, group=group)
+            prefill, prefill_mask = self._prefill(lead_ids, lead_mask, keep_last=True,
+                                                  share_start=True)
+            prefix = SharedPrefix(prefill, prefill_mask, 1, self.model.dtype, group=group)
             generated = compact_decode(self.model, rest_ids, rest_mask, None,
                                        params.max_new_tokens, self.eos_ids, params.temperature,
                                        params.top_p, suppress, seed, prefix=prefix,
@@ -283,19 +284,22 @@ class HFEngine(Engine):
         for the decode loop."""
         from backtrack.engines.hf_prefix import SharedPrefix
 
-        prefix = SharedPrefix(self._prefill(input_ids, mask), mask[:, :-1], n, self.model.dtype)
+        prefill, prefill_mask = self._prefill(input_ids, mask, share_start=True)
+        prefix = SharedPrefix(prefill, prefill_mask, n, self.model.dtype)
         return input_ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0), prefix
 
-    def _prefill(self, input_ids, mask, keep_last: bool = False):
+    def _prefill(self, input_ids, mask, keep_last: bool = False, share_start: bool = False):
         """A DynamicCache of the prompt batch, all but its last token (the decode's first), or
-        all of it with `keep_last`; run `PREFILL_ROWS` prompts at a time (`prefill_in_chunks`:
-        less padding, smaller intermediates)."""
-        from backtrack.engines.hf_decode import prompt_prefill
+        all of it with `keep_last`, and the mask of its columns; run `PREFILL_ROWS` prompts at
+        a time (`hf_prefill.prefill_in_chunks`: less padding, smaller intermediates), with
+        `share_start` the tokens every prompt starts with once (`hf_prefill.prompt_prefill`;
+        the cache's columns then differ from the prompts')."""
+        from backtrack.engines.hf_prefill import prompt_prefill
 
         end = input_ids.shape[1] if keep_last else -1
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         return prompt_prefill(self.model, input_ids[:, :end], mask[:, :end],
-                              position_ids[:, :end])
+                              position_ids[:, :end], share_start)
 
     def _compile_kwargs(self) -> dict:
         """generate() options for compiling the decode step (or keeping it uncompiled)."""
@@ -340,7 +344,7 @@ class HFEngine(Engine):
         """
         from transformers import StaticCache
 
-        prefill = self._prefill(input_ids, mask)
+        prefill, _ = self._prefill(input_ids, mask)
         if self.cache == "static" and not dynamic:
             cache = StaticCache(config=self.model.config, max_cache_len=max_len)
             for index, layer in enumerate(prefill.layers):

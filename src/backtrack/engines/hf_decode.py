@@ -121,24 +121,6 @@ class PreallocatedLayer(DynamicLayer):
         self._views()
 
 
-def own_tokens_cache(model, prefix, rows: int):
-    """An empty per-row cache beside a shared prompt prefix (its layers become
-    PreallocatedLayers below, like a prefilled cache's)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    cache.layers = [_empty_layer(keys, rows) for keys in prefix.keys]
-    return cache
-
-
-def _empty_layer(like, rows: int) -> DynamicLayer:
-    layer = DynamicLayer()
-    layer.lazy_initialization(like, like)
-    layer.keys = like.new_empty((rows, like.shape[1], 0, like.shape[3]))
-    layer.values = like.new_empty((rows, like.shape[1], 0, like.shape[3]))
-    return layer
-
-
 def sample_tokens(logits, temperature: float, top_p: float, generator, suppress: list[int]):
     """Next token per row from last-position logits [rows, vocab] (generate's warpers)."""
     import torch
@@ -225,77 +207,6 @@ def compiled_step(model):
 # buffer holds the whole generation). None: the whole generation on CPU too.
 CACHE_SLACK = 2
 
-# Rows per chunk of `prefill_in_chunks` on CPU (benchmarks/sampling.py; on CUDA one chunk)
-OWN_PREFILL_ROWS = 32  # `own_prefill_in_chunks`
-PREFILL_ROWS = 16  # the engine's prompt prefill
-
-
-def prefill_in_chunks(model, input_ids, mask, positions, rows_per_chunk: int, chunk_setup):
-    """Left-padded `input_ids` (padding 0 in `mask`) run `rows_per_chunk` rows at a time, each
-    chunk without the columns that are padding in all of its rows; returns the first chunk's
-    cache holding every row's keys and values, zeros in the dropped columns (padding, which the
-    caller's attention masks). `chunk_setup(start, end, first)` gives a chunk's empty cache and
-    extra forward kwargs (`first`: its first column). Off the CPU the batch is one chunk (a
-    GPU computes padding almost for free, while each chunk costs kernel launches), and so it
-    is when the cache has other layers than DynamicLayer (sliding-window ones).
-
-    The rows of a batch are sorted by length (or share a prompt), so a chunk of neighbours
-    needs little padding where the whole batch needs the longest row's (17 % of the toy
-    recipe's prompt prefill, 61 % of budget forcing's continuations). Small chunks also keep a
-    forward's intermediates small: in one batch of 512 continuations the shared-prefix
-    attention's scores reach ~100 MB per layer, fresh memory each call (README). 32 prompts
-    of the toy recipe's sampling prefill in 90-95 ms instead of 123 ms in chunks of 8-16, 128
-    prompts in 410-440 instead of 658 ms."""
-    rows, width = input_ids.shape
-    whole = input_ids.device.type != "cpu"
-    first_cache, full, start = None, [], 0
-    while start < rows:
-        end = rows if whole else min(rows, start + rows_per_chunk)
-        real = mask[start:end].any(0).nonzero()
-        first = 0 if whole else max(0, min(int(real[0]) if len(real) else width, width - 1))
-        cache, kwargs = chunk_setup(start, end, first)
-        if not whole and not all(type(layer) is DynamicLayer for layer in cache.layers):
-            whole = True  # sliding-window (or other) layers: assembled tensors would not fit
-            continue
-        model(input_ids=input_ids[start:end, first:], attention_mask=mask[start:end, first:],
-              position_ids=positions[start:end, first:], past_key_values=cache, use_cache=True,
-              logits_to_keep=1, **kwargs)
-        if end == rows and start == first == 0:  # one chunk, nothing dropped
-            return cache
-        if first_cache is None:
-            first_cache = cache
-            full = [tuple(t.new_zeros((rows, t.shape[1], width, t.shape[3]))
-                          for t in (layer.keys, layer.values)) for layer in cache.layers]
-        for (keys, values), layer in zip(full, cache.layers):
-            keys[start:end, :, first:], values[start:end, :, first:] = layer.keys, layer.values
-        start = end
-    for layer, (keys, values) in zip(first_cache.layers, full):
-        layer.keys, layer.values = keys, values
-    return first_cache
-
-
-def prompt_prefill(model, input_ids, mask, positions):
-    """A DynamicCache of left-padded prompts, `PREFILL_ROWS` at a time (`prefill_in_chunks`)."""
-    from transformers import DynamicCache
-
-    return prefill_in_chunks(model, input_ids, mask, positions, PREFILL_ROWS,
-                             lambda *_: (DynamicCache(config=model.config), {}))
-
-
-def own_prefill_in_chunks(model, input_ids, mask, positions, prefix):
-    """Rows' first own tokens into their own cache (returned) through the shared-prefix
-    attention, `OWN_PREFILL_ROWS` rows at a time (`prefill_in_chunks`); `prefix` masks their
-    padding from then on. In one batch, this prefill took 2.65 s of a 5.1 s budget-forcing
-    continuation call (512 rows), the decode 1.6 s; in chunks 0.4 s (README)."""
-    prefix.mask_own(mask)
-
-    def chunk_setup(start, end, first):
-        part = prefix.rows(start, end)
-        part.mask_own(mask[start:end, first:])
-        return own_tokens_cache(model, part, end - start), {"shared_prefix": part}
-
-    return prefill_in_chunks(model, input_ids, mask, positions, OWN_PREFILL_ROWS, chunk_setup)
-
 
 def compact_decode(model, input_ids, mask, cache, max_new_tokens: int, eos_ids: list[int],
                    temperature: float, top_p: float, suppress: list[int], seed: int,
@@ -315,6 +226,9 @@ def compact_decode(model, input_ids, mask, cache, max_new_tokens: int, eos_ids: 
     import torch
     from transformers import DynamicCache
 
+    from backtrack.engines.hf_prefill import (own_prefill_in_chunks, own_tokens_cache,
+                                              prompt_prefill)
+
     own_prefill = positions is not None and input_ids.shape[1] > 1
     if positions is None:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -330,7 +244,7 @@ def compact_decode(model, input_ids, mask, cache, max_new_tokens: int, eos_ids: 
         # `prefix` (own_bias), not in this mask
         mask = mask.new_ones((input_ids.shape[0], input_ids.shape[1] if own_prefill else 1))
     elif cache is None and input_ids.shape[1] > 1:
-        cache = prompt_prefill(model, input_ids[:, :-1], mask[:, :-1], positions[:, :-1])
+        cache, _ = prompt_prefill(model, input_ids[:, :-1], mask[:, :-1], positions[:, :-1])
     elif cache is None:
         cache = DynamicCache(config=model.config)
     slack = None if input_ids.device.type != "cpu" else CACHE_SLACK
