@@ -203,8 +203,8 @@ def compiled_step(model):
     return None if step is None else torch.compile(step, dynamic=True)
 
 
-# Free slots past a row's cached tokens on CPU (`PreallocatedLayer`'s `slack`; on CUDA the
-# buffer holds the whole generation). None: the whole generation on CPU too.
+# Free slots past a row's cached tokens on CPU (`PreallocatedLayer`'s `slack`; on CUDA and with
+# a compiled step the buffer holds the whole generation). None: the whole generation always.
 CACHE_SLACK = 2
 
 
@@ -247,7 +247,9 @@ def compact_decode(model, input_ids, mask, cache, max_new_tokens: int, eos_ids: 
         cache, _ = prompt_prefill(model, input_ids[:, :-1], mask[:, :-1], positions[:, :-1])
     elif cache is None:
         cache = DynamicCache(config=model.config)
-    slack = None if input_ids.device.type != "cpu" else CACHE_SLACK
+    # a compiled `step` keeps one buffer: each move to the other would change the cache's
+    # strides, and torch.compile would compile the step again
+    slack = CACHE_SLACK if input_ids.device.type == "cpu" and step is None else None
     cache.layers = [PreallocatedLayer(layer, layer.get_seq_length() + max_new_tokens + 1,
                                       buffers, index, slack)
                     if layer.is_initialized else layer for index, layer in enumerate(cache.layers)]
