@@ -62,8 +62,9 @@ class PreallocatedLayer(DynamicLayer):
     the cache into a buffer with s free slots again (two kept buffers, used in turn): each
     (row, head)'s keys then sit at most s slots apart from the next one's. On a CPU that gap
     decides the attention's speed: the own-token matmuls over a [128 x 4 x 30 x 40] cache read
-    at most 2 slots apart took 310-340 us, 4 or more slots apart 720-960 us, the prefetcher's
-    streams breaking at every gap (`benchmarks/decode_breakdown.py`, README)."""
+    at most 2 slots apart took 258-298 us, 3 or more slots apart 670-790 us out of cache
+    (`benchmarks/cache_gaps.py`, README). Moving costs a copy of the filled part every s + 1
+    steps."""
 
     def __init__(self, layer: DynamicLayer, capacity: int, buffers: DecodeBuffers | None = None,
                  index: int = 0, slack: int | None = None):
