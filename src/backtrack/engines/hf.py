@@ -12,7 +12,8 @@ off CUDA too (transformers already compiles it on CUDA when the cache is static)
 `decode: compact` replaces `generate` by a loop that drops finished rows from the batch and
 its cache (`hf_decode`): other tokens for a seed than `generate`'s, same distribution.
 `shared_prefix` (with `decode: compact`) keeps each prompt's cached keys and values once for
-its n samples instead of n copies (`hf_prefix`): the same attention, summed in another order;
+its n samples instead of n copies (`hf_prefix`), and prefills the tokens all prompts of a call
+start with once (`hf_prefill.common_start`): the same attention, summed in another order;
 with it, `compile` compiles that decode step (`hf_decode.compiled_step`), and
 `group_prefixes` holds the leading tokens n = 1 prompts share once (`hf_prefix.prefix_groups`):
 greedy, the same tokens; sampled, other draws (another batching order), same distribution.
