@@ -295,10 +295,10 @@ def bench_levers(name: str, args) -> dict:
         baseline = levers.get("baseline", lever)
         lever["vs_baseline"] = round(lever["tokens_per_s"] / baseline["tokens_per_s"], 2)
         lever["vs_baseline_cpu"] = round(lever["tokens_per_cpu_s"] / baseline["tokens_per_cpu_s"], 2)
+    newest_former = "shared_prefix_whole_prompts"  # the tokens of every older former lever
     for other in FORMER | {"compact+shared_prefix+compile"}:
-        # the older levers against the newest one whose tokens they should give
-        reference = ("shared_prefix_whole_prompts" if other in FORMER and other in first_ids
-                     and "shared_prefix_whole_prompts" in first_ids else "compact+shared_prefix")
+        reference = (newest_former if other in FORMER and newest_former in first_ids
+                     else "compact+shared_prefix")
         if other != reference and {other, reference} <= set(first_ids):
             levers[other]["same_tokens"] = first_ids[other] == first_ids[reference]
             levers[other]["same_tokens_as"] = reference

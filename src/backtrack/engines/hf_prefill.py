@@ -94,9 +94,9 @@ def prompt_prefill(model, input_ids, mask, positions, share_start: bool = False)
                                  lambda *_: (DynamicCache(config=model.config), {})), mask
     rows, width = input_ids.shape
     lengths = mask.sum(1)
-    start = width - int(lengths[0])
+    lead_columns = slice(width - int(lengths[0]), width - int(lengths[0]) + lead)  # row 0's
     common = DynamicCache(config=model.config)
-    model(input_ids=input_ids[:1, start:start + lead], position_ids=positions[:1, start:start + lead],
+    model(input_ids=input_ids[:1, lead_columns], position_ids=positions[:1, lead_columns],
           past_key_values=common, use_cache=True, logits_to_keep=1)
     rest = int(lengths.max()) - lead
     rest_mask = (torch.arange(rest, device=mask.device) >= rest - (lengths - lead)[:, None])
