@@ -191,7 +191,10 @@ def _undo(former: str, engine) -> dict:
     """(module, attribute) -> the value it had before `former`'s change."""
     from backtrack.engines import hf_decode, hf_prefill, hf_prefix
 
+    index_rows = hf_prefix.SharedPrefix._index_rows
+
     def never_full(prefix):
+        index_rows(prefix)
         prefix.full = False
 
     return {
@@ -199,7 +202,7 @@ def _undo(former: str, engine) -> dict:
         "shared_prefix_whole_prompts": {(hf_prefill, "MIN_COMMON_START"): 1 << 30},
         # 2026-12-07: own cache kept near tight (`CACHE_SLACK`), rows grouped by reshape
         "shared_prefix_loose_cache": {(hf_decode, "CACHE_SLACK"): None,
-                                      (hf_prefix.SharedPrefix, "_check_full"): never_full},
+                                      (hf_prefix.SharedPrefix, "_index_rows"): never_full},
         # 2026-12-03: prompts prefilled in chunks (`hf_prefill.prefill_in_chunks`)
         "shared_prefix_one_prefill": {(hf_prefill, "PREFILL_ROWS"): 1 << 30},
         # 2026-12-03: CPU sampler, the lean step, kept cache memory

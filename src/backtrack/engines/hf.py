@@ -62,14 +62,17 @@ class HFEngine(Engine):
     that share leading tokens, as the continuations of one problem do: prompts are batched in
     token order instead of by length, and each group's shared part is prefilled once.
     With `decode: compact` on CPU the engine keeps its KV cache memory between calls, at the
-    largest call's size (`hf_decode.DecodeBuffers`; `close()` frees it)."""
+    largest call's size (`hf_decode.DecodeBuffers`; `close()` frees it). `cpu_kernel` (with
+    `shared_prefix`, not `compile`; float32 on CPU) runs the decode steps' attention and cache
+    compaction in a C++ kernel built on first use (`cpu_attention`), or warns and keeps torch's
+    matmuls where it cannot build."""
 
     def __init__(self, model_path: str, device: str | None = None, dtype: str | None = None,
                  batch_size: int = 64, share_prefill: bool = True, num_threads: int | None = None,
                  cache: str = "static", attn_implementation: str | None = None,
                  attend_filled: bool = False, compile: bool = False, decode: str = "generate",
-                 shared_prefix: bool = False, group_prefixes: bool = False, model=None,
-                 tokenizer=None):
+                 shared_prefix: bool = False, group_prefixes: bool = False,
+                 cpu_kernel: bool = False, model=None, tokenizer=None):
         import torch
         from transformers import GenerationConfig
 
@@ -113,7 +116,14 @@ class HFEngine(Engine):
             raise UserError(f"engine 'hf': option 'group_prefixes' must be true or false and "
                             f"needs shared_prefix: true, got {group_prefixes!r}")
         self.group_prefixes = group_prefixes
+        if not isinstance(cpu_kernel, bool) or (cpu_kernel and not shared_prefix):
+            raise UserError(f"engine 'hf': option 'cpu_kernel' must be true or false and needs "
+                            f"shared_prefix: true, got {cpu_kernel!r}")
+        from backtrack.engines.cpu_attention import load_kernels, supports
         from backtrack.engines.hf_decode import DecodeBuffers
+
+        self.kernels = (load_kernels() if cpu_kernel and not compile
+                        and supports(self.model, self.device) else None)
 
         self.buffers = DecodeBuffers(keep=not self.device.startswith("cuda"))
         self._compiled_step = None
@@ -250,7 +260,8 @@ class HFEngine(Engine):
         with torch.inference_mode(), self._attention_scope(True):
             prefill, prefill_mask = self._prefill(lead_ids, lead_mask, keep_last=True,
                                                   share_start=True)
-            prefix = SharedPrefix(prefill, prefill_mask, 1, self.model.dtype, group=group)
+            prefix = SharedPrefix(prefill, prefill_mask, 1, self.model.dtype, group=group,
+                                  kernels=self.kernels)
             generated = compact_decode(self.model, rest_ids, rest_mask, None,
                                        params.max_new_tokens, self.eos_ids, params.temperature,
                                        params.top_p, suppress, seed, prefix=prefix,
@@ -286,7 +297,7 @@ class HFEngine(Engine):
         from backtrack.engines.hf_prefix import SharedPrefix
 
         prefill, prefill_mask = self._prefill(input_ids, mask, share_start=True)
-        prefix = SharedPrefix(prefill, prefill_mask, n, self.model.dtype)
+        prefix = SharedPrefix(prefill, prefill_mask, n, self.model.dtype, kernels=self.kernels)
         return input_ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0), prefix
 
     def _prefill(self, input_ids, mask, keep_last: bool = False, share_start: bool = False):
@@ -300,7 +311,7 @@ class HFEngine(Engine):
         end = input_ids.shape[1] if keep_last else -1
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         return prompt_prefill(self.model, input_ids[:, :end], mask[:, :end],
-                              position_ids[:, :end], share_start)
+                              position_ids[:, :end], share_start, self.buffers)
 
     def _compile_kwargs(self) -> dict:
         """generate() options for compiling the decode step (or keeping it uncompiled)."""

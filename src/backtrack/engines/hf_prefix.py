@@ -28,7 +28,7 @@ class SharedPrefix:
     shared prefill leaves them), their padding as an additive mask, and which prompt (`group`)
     and which of its n samples (`slot`) each decoded row is."""
 
-    def __init__(self, prefill_cache, prompt_mask, n: int, dtype, group=None):
+    def __init__(self, prefill_cache, prompt_mask, n: int, dtype, group=None, kernels=None):
         import torch
 
         self.keys = [layer.keys for layer in prefill_cache.layers]
@@ -36,6 +36,7 @@ class SharedPrefix:
         prompts = prompt_mask.shape[0]
         self.bias = _padding_bias(prompt_mask, dtype)[:, None, None, :]  # [P, 1, 1, length]
         self.own_bias = None  # [rows, 1, 1, T] over a row's first own tokens (`mask_own`)
+        self.kernels = kernels  # `cpu_attention.load_kernels()`: decode steps use its attention
         self._scores_bias = None  # (shape key, bias): one step's own-token mask, all layers
         if group is None:  # n rows per prompt, in prompt order
             rows = torch.arange(prompts * n, device=prompt_mask.device)
@@ -45,14 +46,17 @@ class SharedPrefix:
             starts = torch.searchsorted(group, group)  # each row's prompt's first row
             self.slot = torch.arange(len(group), device=group.device) - starts
             self.n = int(self.slot.max()) + 1
-        self._check_full()
+        self._index_rows()
 
-    def _check_full(self) -> None:
-        """Whether the rows are every prompt's n slots in order (the batch before a row ends):
-        then grouping rows by prompt is a reshape, not a scatter and a gather."""
+    def _index_rows(self) -> None:
+        """Each prompt's first row (`starts`, one more for the end: the rows of a prompt are
+        adjacent), and whether the rows are every prompt's n slots in order (the batch before a
+        row ends): then grouping rows by prompt is a reshape, not a scatter and a gather."""
         import torch
 
         rows = len(self.group)
+        self.starts = torch.searchsorted(
+            self.group, torch.arange(len(self.bias) + 1, device=self.group.device))
         self.full = rows == len(self.bias) * self.n and bool(
             (self.slot == torch.arange(rows, device=self.slot.device) % self.n).all())
 
@@ -77,7 +81,7 @@ class SharedPrefix:
         part.n = int(part.slot.max()) + 1
         part.own_bias = None if self.own_bias is None else self.own_bias[start:end]
         part._scores_bias = None
-        part._check_full()
+        part._index_rows()
         return part
 
     def own_scores_bias(self, length: int, per_kv_head: int, scores):
@@ -89,12 +93,13 @@ class SharedPrefix:
         return self._scores_bias[1]
 
     def keep(self, indices) -> None:
-        """Keep rows `indices` (ascending); prompts left without a row are dropped too."""
+        """Keep rows `indices` (ascending); prompts left without a row are dropped too (the
+        kernel skips them instead: their keys and values need not move)."""
         import torch
 
         group = self.group[indices]
-        alive = torch.unique(group)  # sorted
-        if len(alive) < len(self.bias):
+        alive = torch.unique(group) if self.kernels is None else None  # sorted
+        if alive is not None and len(alive) < len(self.bias):
             self.keys = [k[alive] for k in self.keys]
             self.values = [v[alive] for v in self.values]
             self.bias = self.bias[alive]
@@ -103,7 +108,7 @@ class SharedPrefix:
         if self.own_bias is not None:
             self.own_bias = self.own_bias[indices]
             self._scores_bias = None
-        self._check_full()
+        self._index_rows()
 
     def _grouped(self, per_row):
         """[rows, ...] -> [prompts, n, ...] (rows in their prompt's slots; empty slots 0)."""
@@ -173,6 +178,10 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling: 
                                                scaling=scaling, dropout=dropout, **kwargs)
     prefix, layer = shared_prefix, module.layer_idx
     rows, heads, length, dim = query.shape
+    if prefix.kernels is not None and length == 1:
+        from backtrack.engines.cpu_attention import cascade_attention
+
+        return cascade_attention(prefix.kernels, query, key, value, prefix, layer, scaling), None
     kv_heads = key.shape[1]
     q = query.reshape(rows, kv_heads, heads // kv_heads * length, dim)  # per kv head: (g, Q)
     # scores against the prompt: the n queries of a prompt against its keys in one matmul

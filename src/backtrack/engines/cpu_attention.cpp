@@ -1,0 +1,205 @@
+// Cascade decode attention for CPU (see cpu_attention.py for why it is hand-written).
+//
+// One decode step, one layer: row r (a sample of prompt p(r); the rows of a prompt are adjacent,
+// rows [starts[p], starts[p + 1])) and query head h read their prompt's keys and values (held
+// once per prompt: [prompts, kv heads, prompt length, dim]) and their own ones ([rows, kv heads,
+// own length, dim], any strides but the last). The softmax between the two kernels is torch's.
+// Vectors of 8 floats (GCC/Clang vector extensions) so the compiler emits AVX2 or NEON or
+// AVX-512 code as the machine allows; dim must be a multiple of 8.
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstring>
+
+namespace {
+
+typedef float vf8 __attribute__((vector_size(32)));
+
+inline vf8 load8(const float* p) { vf8 v; std::memcpy(&v, p, sizeof(v)); return v; }
+inline void store8(float* p, vf8 v) { std::memcpy(p, &v, sizeof(v)); }
+inline float sum8(vf8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+constexpr int64_t kQueries = 4;  // queries of one prompt and kv head sharing each key load
+constexpr int64_t kMaxChunks = 32;  // dim <= 256
+
+// The (row, query head) pairs of prompt p under kv head kh, in order: pair i of `count`.
+struct Queries {
+  int64_t first, count, per_kv_head;
+  void at(int64_t i, int64_t kh, int64_t* row, int64_t* head) const {
+    *row = (first + i) / per_kv_head;
+    *head = kh * per_kv_head + (first + i) % per_kv_head;
+  }
+};
+
+void check(const torch::Tensor& t, int64_t dims, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.dim() == dims,
+              name, ": a float32 CPU tensor of ", dims, " dims expected");
+}
+
+}  // namespace
+
+// scores[r, h, :Tp] = q[r, h] . prompt_keys[p(r), kv(h), t] * scaling + bias[p(r), t]
+// scores[r, h, Tp:] = q[r, h] . own_keys[r, kv(h), t] * scaling (+ own_bias[r, t] over its
+// first columns: padding among a row's first own tokens, `hf_prefix.SharedPrefix.mask_own`)
+torch::Tensor cascade_scores(torch::Tensor q, torch::Tensor prompt_keys, torch::Tensor bias,
+                             torch::Tensor own_keys, torch::Tensor starts, double scaling,
+                             c10::optional<torch::Tensor> own_bias) {
+  check(q, 3, "q"); check(prompt_keys, 4, "prompt_keys"); check(bias, 2, "bias");
+  check(own_keys, 4, "own_keys");
+  q = q.contiguous(); prompt_keys = prompt_keys.contiguous(); bias = bias.contiguous();
+  torch::Tensor own = own_bias.has_value() ? own_bias->contiguous() : torch::Tensor();
+  if (own.defined()) {
+    check(own, 2, "own_bias");
+    TORCH_CHECK(own.size(0) == q.size(0) && own.size(1) <= own_keys.size(2), "own_bias: shape");
+  }
+  starts = starts.to(torch::kInt64).contiguous();
+  const int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t prompts = prompt_keys.size(0), kv_heads = prompt_keys.size(1);
+  const int64_t prompt_len = prompt_keys.size(2), own_len = own_keys.size(2);
+  const int64_t per_kv = heads / kv_heads, chunks = dim / 8, width = prompt_len + own_len;
+  TORCH_CHECK(dim % 8 == 0 && dim / 8 <= kMaxChunks && own_keys.stride(3) == 1 &&
+              own_keys.size(0) == rows && starts.numel() == prompts + 1, "cascade_scores: shapes");
+  auto scores = torch::empty({rows, heads, width}, q.options());
+  const float* qd = q.data_ptr<float>();
+  const float* kd = prompt_keys.data_ptr<float>();
+  const float* bd = bias.data_ptr<float>();
+  const float* od = own_keys.data_ptr<float>();
+  const int64_t* st = starts.data_ptr<int64_t>();
+  float* sd = scores.data_ptr<float>();
+  const float sc = static_cast<float>(scaling);
+  for (int64_t p = 0; p < prompts; ++p) {
+    const Queries queries{st[p] * per_kv, (st[p + 1] - st[p]) * per_kv, per_kv};
+    for (int64_t kh = 0; kh < kv_heads; ++kh) {
+      const float* keys = kd + (p * kv_heads + kh) * prompt_len * dim;
+      const float* b = bd + p * prompt_len;
+      for (int64_t i0 = 0; i0 < queries.count; i0 += kQueries) {
+        const int64_t m = std::min(kQueries, queries.count - i0);
+        const float* qs[kQueries];
+        float* out[kQueries];
+        for (int64_t j = 0; j < kQueries; ++j) {  // short tail: repeat the last query
+          int64_t r, h;
+          queries.at(i0 + std::min(j, m - 1), kh, &r, &h);
+          qs[j] = qd + (r * heads + h) * dim;
+          out[j] = sd + (r * heads + h) * width;
+        }
+        for (int64_t t = 0; t < prompt_len; ++t) {
+          const float* k = keys + t * dim;
+          vf8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+          for (int64_t c = 0; c < chunks; ++c) {
+            const vf8 kv = load8(k + 8 * c);
+            a0 += load8(qs[0] + 8 * c) * kv; a1 += load8(qs[1] + 8 * c) * kv;
+            a2 += load8(qs[2] + 8 * c) * kv; a3 += load8(qs[3] + 8 * c) * kv;
+          }
+          const float a[kQueries] = {sum8(a0), sum8(a1), sum8(a2), sum8(a3)};
+          for (int64_t j = 0; j < m; ++j) out[j][t] = a[j] * sc + b[t];
+        }
+      }
+    }
+  }
+  const int64_t s0 = own_keys.stride(0), s1 = own_keys.stride(1), s2 = own_keys.stride(2);
+  const int64_t biased = own.defined() ? own.size(1) : 0;
+  const float* ob = own.defined() ? own.data_ptr<float>() : nullptr;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* qq = qd + (r * heads + h) * dim;
+      const float* keys = od + r * s0 + (h / per_kv) * s1;
+      float* out = sd + (r * heads + h) * width + prompt_len;
+      for (int64_t t = 0; t < own_len; ++t) {
+        vf8 a = {};
+        for (int64_t c = 0; c < chunks; ++c) a += load8(qq + 8 * c) * load8(keys + t * s2 + 8 * c);
+        out[t] = sum8(a) * sc;
+      }
+      for (int64_t t = 0; t < biased; ++t) out[t] += ob[r * biased + t];
+    }
+  }
+  return scores;
+}
+
+// out[r, h] = sum_t w[r, h, t] prompt_values[p(r), kv(h), t] + sum_t w[r, h, Tp + t] own_values[r, kv(h), t]
+torch::Tensor cascade_values(torch::Tensor weights, torch::Tensor prompt_values,
+                             torch::Tensor own_values, torch::Tensor starts) {
+  check(weights, 3, "weights"); check(prompt_values, 4, "prompt_values");
+  check(own_values, 4, "own_values");
+  weights = weights.contiguous(); prompt_values = prompt_values.contiguous();
+  starts = starts.to(torch::kInt64).contiguous();
+  const int64_t rows = weights.size(0), heads = weights.size(1), width = weights.size(2);
+  const int64_t prompts = prompt_values.size(0), kv_heads = prompt_values.size(1);
+  const int64_t prompt_len = prompt_values.size(2), dim = prompt_values.size(3);
+  const int64_t own_len = own_values.size(2), per_kv = heads / kv_heads, chunks = dim / 8;
+  TORCH_CHECK(dim % 8 == 0 && chunks <= kMaxChunks && own_values.stride(3) == 1 &&
+              own_values.size(0) == rows && width == prompt_len + own_len &&
+              starts.numel() == prompts + 1, "cascade_values: shapes");
+  auto out = torch::empty({rows, heads, dim}, weights.options());
+  const float* wd = weights.data_ptr<float>();
+  const float* vd = prompt_values.data_ptr<float>();
+  const float* od = own_values.data_ptr<float>();
+  const int64_t* st = starts.data_ptr<int64_t>();
+  float* outd = out.data_ptr<float>();
+  const int64_t s0 = own_values.stride(0), s1 = own_values.stride(1), s2 = own_values.stride(2);
+  vf8 acc[kQueries][kMaxChunks];
+  for (int64_t p = 0; p < prompts; ++p) {
+    const Queries queries{st[p] * per_kv, (st[p + 1] - st[p]) * per_kv, per_kv};
+    for (int64_t kh = 0; kh < kv_heads; ++kh) {
+      const float* values = vd + (p * kv_heads + kh) * prompt_len * dim;
+      for (int64_t i0 = 0; i0 < queries.count; i0 += kQueries) {
+        const int64_t m = std::min(kQueries, queries.count - i0);
+        const float* ws[kQueries];
+        const float* own[kQueries];
+        float* dst[kQueries];
+        for (int64_t j = 0; j < kQueries; ++j) {
+          int64_t r, h;
+          queries.at(i0 + std::min(j, m - 1), kh, &r, &h);
+          ws[j] = wd + (r * heads + h) * width;
+          own[j] = od + r * s0 + kh * s1;
+          dst[j] = outd + (r * heads + h) * dim;
+          for (int64_t c = 0; c < chunks; ++c) acc[j][c] = vf8{};
+        }
+        for (int64_t t = 0; t < prompt_len; ++t) {
+          const float* v = values + t * dim;
+          const float w0 = ws[0][t], w1 = ws[1][t], w2 = ws[2][t], w3 = ws[3][t];
+          for (int64_t c = 0; c < chunks; ++c) {
+            const vf8 vv = load8(v + 8 * c);
+            acc[0][c] += w0 * vv; acc[1][c] += w1 * vv; acc[2][c] += w2 * vv; acc[3][c] += w3 * vv;
+          }
+        }
+        for (int64_t j = 0; j < m; ++j) {
+          for (int64_t t = 0; t < own_len; ++t) {
+            const float w = ws[j][prompt_len + t];
+            for (int64_t c = 0; c < chunks; ++c) acc[j][c] += w * load8(own[j] + t * s2 + 8 * c);
+          }
+          for (int64_t c = 0; c < chunks; ++c) store8(dst[j] + 8 * c, acc[j][c]);
+        }
+      }
+    }
+  }
+  return out;
+}
+
+// Rows `kept` (ascending) of a [rows, heads, room, dim] buffer's first `length` slots moved to
+// rows 0..len(kept)-1 in place: one copy of each kept row (index-then-assign makes two).
+void compact_rows(torch::Tensor buffer, torch::Tensor kept, int64_t length) {
+  TORCH_CHECK(buffer.device().is_cpu() && buffer.dim() == 4 && buffer.stride(3) == 1 &&
+              buffer.stride(2) == buffer.size(3), "compact_rows: a [rows, heads, room, dim] buffer");
+  kept = kept.to(torch::kInt64).contiguous();
+  const int64_t* kd = kept.data_ptr<int64_t>();
+  const int64_t heads = buffer.size(1), bytes = length * buffer.size(3) * buffer.element_size();
+  char* base = static_cast<char*>(buffer.data_ptr());
+  const int64_t row = buffer.stride(0) * buffer.element_size();
+  const int64_t head = buffer.stride(1) * buffer.element_size();
+  for (int64_t i = 0; i < kept.numel(); ++i) {
+    TORCH_CHECK(kd[i] >= i && kd[i] < buffer.size(0) && (i == 0 || kd[i] > kd[i - 1]),
+                "compact_rows: kept rows must ascend");
+    if (kd[i] == i) continue;
+    for (int64_t h = 0; h < heads; ++h) std::memmove(base + i * row + h * head,
+                                                     base + kd[i] * row + h * head, bytes);
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("cascade_scores", &cascade_scores, pybind11::arg("q"), pybind11::arg("prompt_keys"),
+        pybind11::arg("bias"), pybind11::arg("own_keys"), pybind11::arg("starts"),
+        pybind11::arg("scaling"), pybind11::arg("own_bias") = pybind11::none());
+  m.def("cascade_values", &cascade_values);
+  m.def("compact_rows", &compact_rows);
+}

@@ -1,0 +1,78 @@
+"""A compiled decode attention for CPU: the hf engine's `cpu_kernel` option.
+
+With `shared_prefix`, one decode step's attention is, per prompt and kv head, an [n x dim] x
+[dim x prompt length] product, and per row a [1 x dim] x [dim x own length] one: hundreds of
+tiny matrices per layer. torch sends them to MKL's batched gemm, which spends about a
+microsecond per matrix (and, under 400 multiply-adds a matrix, ATen's scalar loop: the first
+~10 own tokens), so on the toy model the attention read its keys and values at ~5 GB/s of the
+~17.5 GB/s this CPU streams (README). The two loops in `cpu_attention.cpp` read each prompt's
+keys and values once for all its rows, 8 floats at a time: the same attention, summed in
+another order. torch and transformers have no such CPU kernel, and vLLM's CPU attention comes
+only with a vLLM CPU build, hence this one. It is built on first use for this machine's CPU
+(`-march=native`, ~30 s, cached by torch under ~/.cache/torch_extensions); where it cannot
+build (no C++ compiler or ninja) the engine warns once and keeps torch's matmuls. One thread.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import warnings
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("cpu_attention.cpp")
+
+
+def _cpu_tag() -> str:
+    """Hash of this CPU's model and instruction-set flags: a -march=native build cached under
+    one home directory must not be loaded on another CPU."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+        text = platform.processor() + platform.machine()
+    lines = [line for line in text.splitlines()
+             if line.split(":")[0].strip() in ("model name", "flags", "Features")]
+    return hashlib.sha256("\n".join(sorted(set(lines))).encode()).hexdigest()[:10]
+
+
+@functools.lru_cache(maxsize=None)
+def load_kernels():
+    """The compiled module (`cascade_scores`, `cascade_values`, `compact_rows`), or None with a
+    warning when it does not build here."""
+    from torch.utils.cpp_extension import load
+
+    try:
+        return load(name=f"backtrack_cpu_attention_{_cpu_tag()}", sources=[str(SOURCE)],
+                    extra_cflags=["-O3", "-march=native"], verbose=False)
+    except Exception as error:  # a missing compiler or ninja, an unsupported flag
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        warnings.warn(f"hf engine: cpu_kernel: the C++ decode attention did not build ({reason}); "
+                      f"decoding with torch's matmuls", RuntimeWarning, stacklevel=2)
+        return None
+
+
+def supports(model, device: str) -> bool:
+    """Whether the kernel applies to `model` on `device`: float32 on CPU, head dim a multiple
+    of 8 (its vectors' width)."""
+    import torch
+
+    head_dim = getattr(model.config, "head_dim", None) or (
+        model.config.hidden_size // model.config.num_attention_heads)
+    return device == "cpu" and model.dtype == torch.float32 and head_dim % 8 == 0
+
+
+def cascade_attention(kernels, query, key, value, prefix, layer: int, scaling: float):
+    """One decode step's attention ([rows, 1, heads, dim], as the model's attention returns
+    it) over the rows' prompts (`prefix`: `hf_prefix.SharedPrefix`) and their own tokens
+    (`key`, `value`: [rows, kv heads, own length, dim]; `prefix.own_bias` masks padding among
+    the first ones)."""
+    rows, heads, _, dim = query.shape
+    q = query.reshape(rows, heads, dim)
+    bias = prefix.bias.reshape(prefix.bias.shape[0], -1)
+    own_bias = None if prefix.own_bias is None else prefix.own_bias.reshape(rows, -1)
+    scores = kernels.cascade_scores(q, prefix.keys[layer], bias, key, prefix.starts, scaling,
+                                    own_bias)
+    weights = scores.softmax(-1)
+    out = kernels.cascade_values(weights, prefix.values[layer], value, prefix.starts)
+    return out.reshape(rows, 1, heads, dim)
