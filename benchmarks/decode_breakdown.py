@@ -2,7 +2,8 @@
 
 benchmarks/sampling.py gives each engine option's share of the compute bound; this says what
 the rest of a call is, for the toy recipe's default engine (`decode: compact`,
-`shared_prefix`): the prompt prefill, the decode steps' attention and linears, the sampling
+`shared_prefix`): the prompt prefill, the decode steps' attention (`cpu_kernel`'s unless `--torch-attention`)
+and linears, the sampling
 draws, and everything else (the decode loop, cache copies, norms, rotary, residuals). Each
 part is timed by wrapping its function (CPU ops are synchronous), summed over `--calls` calls
 after a warm-up call; the wrappers add a little time of their own.
@@ -67,6 +68,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--torch-attention", action="store_true",
+                        help="decode attention by torch's matmuls, not the recipe's cpu_kernel")
     args = parser.parse_args()
 
     from backtrack.chat import render_prompt
@@ -75,7 +78,8 @@ def main() -> None:
 
     path = toy_model_path(args.output_dir) if args.model == "toy" else args.model
     engine = make_engine("hf", path, batch_size=args.problems * args.k, num_threads=args.threads,
-                         cache="dynamic", decode="compact", shared_prefix=True)
+                         cache="dynamic", decode="compact", shared_prefix=True,
+                         cpu_kernel=not args.torch_attention)
     task = get_task("arith", {})
     prompts = [render_prompt(engine.tokenizer, task.messages(p))
                for p in task.problems("train", args.problems)]

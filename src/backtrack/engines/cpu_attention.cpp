@@ -4,6 +4,8 @@
 // rows [starts[p], starts[p + 1])) and query head h read their prompt's keys and values (held
 // once per prompt: [prompts, kv heads, prompt length, dim]) and their own ones ([rows, kv heads,
 // own length, dim], any strides but the last). The softmax between the two kernels is torch's.
+// A prompt's padding columns [padding[p][0], padding[p][1]) are skipped: their score is the
+// bias (the lowest float, what adding any score to it gives) and their weight exactly 0.
 // Vectors of 8 floats (GCC/Clang vector extensions) so the compiler emits AVX2 or NEON or
 // AVX-512 code as the machine allows; dim must be a multiple of 8.
 
@@ -43,8 +45,8 @@ void check(const torch::Tensor& t, int64_t dims, const char* name) {
 // scores[r, h, Tp:] = q[r, h] . own_keys[r, kv(h), t] * scaling (+ own_bias[r, t] over its
 // first columns: padding among a row's first own tokens, `hf_prefix.SharedPrefix.mask_own`)
 torch::Tensor cascade_scores(torch::Tensor q, torch::Tensor prompt_keys, torch::Tensor bias,
-                             torch::Tensor own_keys, torch::Tensor starts, double scaling,
-                             c10::optional<torch::Tensor> own_bias) {
+                             torch::Tensor padding, torch::Tensor own_keys, torch::Tensor starts,
+                             double scaling, c10::optional<torch::Tensor> own_bias) {
   check(q, 3, "q"); check(prompt_keys, 4, "prompt_keys"); check(bias, 2, "bias");
   check(own_keys, 4, "own_keys");
   q = q.contiguous(); prompt_keys = prompt_keys.contiguous(); bias = bias.contiguous();
@@ -54,18 +56,21 @@ torch::Tensor cascade_scores(torch::Tensor q, torch::Tensor prompt_keys, torch::
     TORCH_CHECK(own.size(0) == q.size(0) && own.size(1) <= own_keys.size(2), "own_bias: shape");
   }
   starts = starts.to(torch::kInt64).contiguous();
+  padding = padding.to(torch::kInt64).contiguous();
   const int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t prompts = prompt_keys.size(0), kv_heads = prompt_keys.size(1);
   const int64_t prompt_len = prompt_keys.size(2), own_len = own_keys.size(2);
   const int64_t per_kv = heads / kv_heads, chunks = dim / 8, width = prompt_len + own_len;
   TORCH_CHECK(dim % 8 == 0 && dim / 8 <= kMaxChunks && own_keys.stride(3) == 1 &&
-              own_keys.size(0) == rows && starts.numel() == prompts + 1, "cascade_scores: shapes");
+              own_keys.size(0) == rows && starts.numel() == prompts + 1 &&
+              padding.numel() == 2 * prompts, "cascade_scores: shapes");
   auto scores = torch::empty({rows, heads, width}, q.options());
   const float* qd = q.data_ptr<float>();
   const float* kd = prompt_keys.data_ptr<float>();
   const float* bd = bias.data_ptr<float>();
   const float* od = own_keys.data_ptr<float>();
   const int64_t* st = starts.data_ptr<int64_t>();
+  const int64_t* pad = padding.data_ptr<int64_t>();
   float* sd = scores.data_ptr<float>();
   const float sc = static_cast<float>(scaling);
   for (int64_t p = 0; p < prompts; ++p) {
@@ -83,7 +88,11 @@ torch::Tensor cascade_scores(torch::Tensor q, torch::Tensor prompt_keys, torch::
           qs[j] = qd + (r * heads + h) * dim;
           out[j] = sd + (r * heads + h) * width;
         }
+        for (int64_t t = pad[2 * p]; t < pad[2 * p + 1]; ++t)
+          for (int64_t j = 0; j < m; ++j) out[j][t] = b[t];
         for (int64_t t = 0; t < prompt_len; ++t) {
+          if (t == pad[2 * p]) t = std::max(t, pad[2 * p + 1]);
+          if (t == prompt_len) break;
           const float* k = keys + t * dim;
           vf8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
           for (int64_t c = 0; c < chunks; ++c) {
@@ -118,23 +127,27 @@ torch::Tensor cascade_scores(torch::Tensor q, torch::Tensor prompt_keys, torch::
 
 // out[r, h] = sum_t w[r, h, t] prompt_values[p(r), kv(h), t] + sum_t w[r, h, Tp + t] own_values[r, kv(h), t]
 torch::Tensor cascade_values(torch::Tensor weights, torch::Tensor prompt_values,
-                             torch::Tensor own_values, torch::Tensor starts) {
+                             torch::Tensor padding, torch::Tensor own_values,
+                             torch::Tensor starts) {
   check(weights, 3, "weights"); check(prompt_values, 4, "prompt_values");
   check(own_values, 4, "own_values");
   weights = weights.contiguous(); prompt_values = prompt_values.contiguous();
   starts = starts.to(torch::kInt64).contiguous();
+  padding = padding.to(torch::kInt64).contiguous();
   const int64_t rows = weights.size(0), heads = weights.size(1), width = weights.size(2);
   const int64_t prompts = prompt_values.size(0), kv_heads = prompt_values.size(1);
   const int64_t prompt_len = prompt_values.size(2), dim = prompt_values.size(3);
   const int64_t own_len = own_values.size(2), per_kv = heads / kv_heads, chunks = dim / 8;
   TORCH_CHECK(dim % 8 == 0 && chunks <= kMaxChunks && own_values.stride(3) == 1 &&
               own_values.size(0) == rows && width == prompt_len + own_len &&
-              starts.numel() == prompts + 1, "cascade_values: shapes");
+              starts.numel() == prompts + 1 && padding.numel() == 2 * prompts,
+              "cascade_values: shapes");
   auto out = torch::empty({rows, heads, dim}, weights.options());
   const float* wd = weights.data_ptr<float>();
   const float* vd = prompt_values.data_ptr<float>();
   const float* od = own_values.data_ptr<float>();
   const int64_t* st = starts.data_ptr<int64_t>();
+  const int64_t* pad = padding.data_ptr<int64_t>();
   float* outd = out.data_ptr<float>();
   const int64_t s0 = own_values.stride(0), s1 = own_values.stride(1), s2 = own_values.stride(2);
   vf8 acc[kQueries][kMaxChunks];
@@ -156,6 +169,8 @@ torch::Tensor cascade_values(torch::Tensor weights, torch::Tensor prompt_values,
           for (int64_t c = 0; c < chunks; ++c) acc[j][c] = vf8{};
         }
         for (int64_t t = 0; t < prompt_len; ++t) {
+          if (t == pad[2 * p]) t = std::max(t, pad[2 * p + 1]);
+          if (t == prompt_len) break;
           const float* v = values + t * dim;
           const float w0 = ws[0][t], w1 = ws[1][t], w2 = ws[2][t], w3 = ws[3][t];
           for (int64_t c = 0; c < chunks; ++c) {
@@ -198,7 +213,8 @@ void compact_rows(torch::Tensor buffer, torch::Tensor kept, int64_t length) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cascade_scores", &cascade_scores, pybind11::arg("q"), pybind11::arg("prompt_keys"),
-        pybind11::arg("bias"), pybind11::arg("own_keys"), pybind11::arg("starts"),
+        pybind11::arg("bias"), pybind11::arg("padding"), pybind11::arg("own_keys"),
+        pybind11::arg("starts"),
         pybind11::arg("scaling"), pybind11::arg("own_bias") = pybind11::none());
   m.def("cascade_values", &cascade_values);
   m.def("compact_rows", &compact_rows);

@@ -71,8 +71,9 @@ def cascade_attention(kernels, query, key, value, prefix, layer: int, scaling: f
     q = query.reshape(rows, heads, dim)
     bias = prefix.bias.reshape(prefix.bias.shape[0], -1)
     own_bias = None if prefix.own_bias is None else prefix.own_bias.reshape(rows, -1)
-    scores = kernels.cascade_scores(q, prefix.keys[layer], bias, key, prefix.starts, scaling,
-                                    own_bias)
+    scores = kernels.cascade_scores(q, prefix.keys[layer], bias, prefix.padding, key,
+                                    prefix.starts, scaling, own_bias)
     weights = scores.softmax(-1)
-    out = kernels.cascade_values(weights, prefix.values[layer], value, prefix.starts)
+    out = kernels.cascade_values(weights, prefix.values[layer], prefix.padding, value,
+                                 prefix.starts)
     return out.reshape(rows, 1, heads, dim)

@@ -208,6 +208,9 @@ def compiled_step(model):
     return None if step is None else torch.compile(step, dynamic=True)
 
 
+# `compact_decode` drops finished rows once 1 / DEAD_SHARE of its batch has finished.
+DEAD_SHARE = 8
+
 # Free slots past a row's cached tokens on CPU (`PreallocatedLayer`'s `slack`; on CUDA and with
 # a compiled step the buffer holds the whole generation). None: the whole generation always.
 CACHE_SLACK = 2
@@ -284,8 +287,8 @@ def compact_decode(model, input_ids, mask, cache, max_new_tokens: int, eos_ids: 
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         current, position = chosen[:, None], position + 1
         # Dropping rows copies the cache's filled part; stepping a dead row costs its share of
-        # one step: compact once an eighth of the batch is dead.
-        if int(done.sum()) * 8 >= len(rows):
+        # one step: compact once a `DEAD_SHARE` of the batch is dead.
+        if int(done.sum()) * DEAD_SHARE >= len(rows):
             keep = (~done).nonzero().squeeze(1)
             cache.batch_select_indices(keep)
             if prefix is not None:

@@ -35,6 +35,7 @@ class SharedPrefix:
         self.values = [layer.values for layer in prefill_cache.layers]
         prompts = prompt_mask.shape[0]
         self.bias = _padding_bias(prompt_mask, dtype)[:, None, None, :]  # [P, 1, 1, length]
+        self.padding = _padding_run(prompt_mask)  # [P, 2]: the kernel skips these columns
         self.own_bias = None  # [rows, 1, 1, T] over a row's first own tokens (`mask_own`)
         self.kernels = kernels  # `cpu_attention.load_kernels()`: decode steps use its attention
         self._scores_bias = None  # (shape key, bias): one step's own-token mask, all layers
@@ -76,6 +77,7 @@ class SharedPrefix:
         part.keys = [k[first:last] for k in self.keys]
         part.values = [v[first:last] for v in self.values]
         part.bias, part.group = self.bias[first:last], self.group[start:end] - first
+        part.padding = self.padding[first:last]
         part.slot = self.slot[start:end].clone()
         part.slot[part.group == 0] -= int(part.slot[0])  # a group cut at `start`: slots from 0
         part.n = int(part.slot.max()) + 1
@@ -102,7 +104,7 @@ class SharedPrefix:
         if alive is not None and len(alive) < len(self.bias):
             self.keys = [k[alive] for k in self.keys]
             self.values = [v[alive] for v in self.values]
-            self.bias = self.bias[alive]
+            self.bias, self.padding = self.bias[alive], self.padding[alive]
             group = torch.searchsorted(alive, group)
         self.group, self.slot = group, self.slot[indices]
         if self.own_bias is not None:
@@ -131,6 +133,19 @@ def _padding_bias(mask, dtype):
 
     bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
     return bias.masked_fill_(mask == 0, torch.finfo(dtype).min)
+
+
+def _padding_run(mask):
+    """[from, to) per row of `mask`: its padding columns when they are one run (left padding,
+    or after a common start), else [0, 0)."""
+    import torch
+
+    zeros = mask == 0
+    first, count = zeros.long().argmax(1), zeros.sum(1)
+    columns = torch.arange(mask.shape[1], device=mask.device)
+    run = (columns >= first[:, None]) & (columns < (first + count)[:, None])
+    one_run = (run == zeros).all(1)
+    return torch.stack([first, first + count], 1) * one_run[:, None]
 
 
 def prefix_groups(rows: list[list[int]]) -> list[tuple[int, int, int]]:

@@ -1,0 +1,218 @@
+"""The hf engine's `cpu_kernel`: the C++ decode attention gives torch's attention (up to float
+summation order) for full and thinned batches, grouped-query heads, strided own caches and
+padded own tokens; its compaction gives the gather's rows; the engine gives the same tokens
+with it; where it cannot build, the engine warns and decodes with torch."""
+
+from __future__ import annotations
+
+import shutil
+from types import SimpleNamespace
+
+import pytest
+
+from backtrack.engines import GenerationParams, make_engine
+from backtrack.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    from backtrack.engines.cpu_attention import load_kernels
+
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler here: cpu_kernel falls back to torch (tested below)")
+    built = load_kernels()
+    assert built is not None, "a C++ compiler is here, yet the kernel did not build"
+    return built
+
+
+def _prefix(prompts: int, n: int, kv_heads: int, length: int, dim: int, generator,
+            kernels=None):
+    import torch
+    from transformers import DynamicCache
+
+    from backtrack.engines.hf_prefix import SharedPrefix
+
+    cache = DynamicCache()
+    for layer in range(2):
+        cache.update(torch.randn(prompts, kv_heads, length, dim, generator=generator),
+                     torch.randn(prompts, kv_heads, length, dim, generator=generator), layer)
+    lengths = torch.randint(1, length + 1, (prompts,), generator=generator)
+    mask = (torch.arange(length) >= length - lengths[:, None]).long()  # left padding
+    return SharedPrefix(cache, mask, n, torch.float32, kernels=kernels)
+
+
+def _attend(prefix, layer, query, own_keys, own_values, kernels):
+    from backtrack.engines.hf_prefix import shared_prefix_attention
+
+    prefix.kernels = kernels
+    return shared_prefix_attention(SimpleNamespace(layer_idx=layer), query, own_keys, own_values,
+                                   None, 0.3, shared_prefix=prefix)[0]
+
+
+@pytest.mark.parametrize("heads, kv_heads, dim", [(4, 4, 40), (4, 2, 8), (6, 2, 16)])
+def test_kernel_attention_equals_torch_attention(kernels, heads, kv_heads, dim):
+    """5 prompts x 3 samples, a strided own cache (room for 2 more tokens): equal outputs in
+    every layer, before and after rows leave (prompt 1 loses all of its rows, which the kernel
+    skips while torch drops its keys)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(heads * dim)
+    prefix = _prefix(5, 3, kv_heads, 9, dim, generator)
+    rows, own_length = 15, 6
+    query = torch.randn(rows, heads, 1, dim, generator=generator)
+    room = torch.randn(rows, kv_heads, own_length + 2, dim, generator=generator)
+    own_keys, own_values = room[:, :, :own_length], -room[:, :, :own_length]
+    for layer in (0, 1):
+        expected = _attend(prefix, layer, query, own_keys, own_values, None)
+        got = _attend(prefix, layer, query, own_keys, own_values, kernels)
+        assert got.shape == expected.shape == (rows, 1, heads, dim)
+        assert torch.allclose(got, expected, rtol=0, atol=2e-6)
+        skipped = prefix.padding.clone()
+        assert (skipped[:, 1] > 0).any()  # some prompts are padded: their columns are skipped
+        prefix.padding = torch.zeros_like(skipped)  # ... and computed: bit for bit the same
+        assert torch.equal(_attend(prefix, layer, query, own_keys, own_values, kernels), got)
+        prefix.padding = skipped
+    kept = torch.tensor([0, 2, 6, 7, 8, 10, 14])  # prompt 1 (rows 3-5) has none left
+    thinned = _prefix(5, 3, kv_heads, 9, dim, torch.Generator().manual_seed(heads * dim))
+    thinned.keep(kept)
+    with_kernel = _prefix(5, 3, kv_heads, 9, dim, torch.Generator().manual_seed(heads * dim),
+                          kernels)
+    with_kernel.keep(kept)
+    assert len(with_kernel.bias) == 5 and len(thinned.bias) == 4  # the kernel's prompts stay
+    assert with_kernel.starts.tolist() == [0, 2, 2, 5, 6, 7]
+    args = (query[kept], own_keys[kept], own_values[kept])
+    assert torch.allclose(_attend(with_kernel, 1, *args, kernels),
+                          _attend(thinned, 1, *args, None), rtol=0, atol=2e-6)
+
+
+def test_padding_run_is_the_one_run_of_padding_columns_or_nothing():
+    import torch
+
+    from backtrack.engines.hf_prefix import _padding_run
+
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 0, 0, 1], [0, 1, 0, 1, 1]])
+    assert _padding_run(mask).tolist() == [[0, 2], [0, 0], [2, 4], [0, 0]]
+
+
+def test_kernel_masks_padding_among_a_rows_first_own_tokens(kernels):
+    """Rows whose first own tokens include padding (`mask_own`, as `group_prefixes` leaves
+    them): the kernel skips the padded keys as torch's attention does."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    prefix = _prefix(2, 2, 2, 7, 8, generator)
+    own_mask = torch.tensor([[0, 0, 1], [1, 1, 1], [0, 1, 1], [1, 1, 1]])
+    prefix.mask_own(own_mask)
+    query = torch.randn(4, 4, 1, 8, generator=generator)
+    own = torch.randn(4, 2, 5, 8, generator=generator)  # 3 prefilled + 2 decoded
+    expected = _attend(prefix, 0, query, own, own * 2, None)
+    assert torch.allclose(_attend(prefix, 0, query, own, own * 2, kernels), expected,
+                          rtol=0, atol=2e-6)
+    changed = own.clone()
+    changed[0, :, :2] = 1e3  # row 0's padded keys: no effect on its output
+    assert torch.allclose(_attend(prefix, 0, query, changed, changed * 2, kernels)[0],
+                          expected[0], rtol=0, atol=2e-6)
+
+
+def test_compact_rows_moves_the_kept_rows_filled_part_in_place(kernels):
+    import torch
+
+    buffer = torch.randn(6, 2, 7, 8)
+    length, kept = 4, torch.tensor([1, 2, 4])
+    expected = buffer[kept, :, :length].clone()
+    untouched = buffer[:, :, length:].clone()
+    kernels.compact_rows(buffer, kept, length)
+    assert torch.equal(buffer[:3, :, :length], expected)
+    assert torch.equal(buffer[:, :, length:], untouched)  # the free slots are not written
+    with pytest.raises(RuntimeError, match="ascend"):
+        kernels.compact_rows(buffer, torch.tensor([2, 1]), length)
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model_dir):
+    import torch
+
+    threads = torch.get_num_threads()
+    yield lambda **options: make_engine("hf", str(tiny_model_dir), batch_size=16, num_threads=1,
+                                        cache="dynamic", decode="compact", shared_prefix=True,
+                                        **options)
+    torch.set_num_threads(threads)
+
+
+def _completions(engine, prompts, **params):
+    return [[c.token_ids for c in row]
+            for row in engine.generate(prompts, GenerationParams(**params))]
+
+
+def _varied(engine, end: int | None = None):
+    """The tiny random model with larger weights (its greedy output then varies) and, with
+    `end`, one more end-of-turn id, so that rows end at different steps."""
+    import torch
+
+    with torch.no_grad():
+        for module in engine.model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.mul_(18)
+    if end is not None:
+        engine.eos_ids = [*engine.eos_ids, end]
+        engine._eos_set = set(engine.eos_ids)
+    return engine
+
+
+def test_engine_gives_the_same_tokens_with_the_kernel(kernels, engines):
+    """n = 4 samples per prompt (rows ending apart, so rows and prompts leave the batch) and
+    n = 1 continuations sharing their problem's prompt (`group_prefixes`: padded own
+    tokens): the same tokens with and without the kernel."""
+    from collections import Counter
+
+    from backtrack.chat import render_prompt
+
+    prompts = [render_prompt(engines().tokenizer, [{"role": "user", "content": q}])
+               for q in ("Tom has 3 apples.", "Ann has 12 coins. Ann gets 4 more.",
+                         "Ben has 5 pens.")]
+    free = _completions(_varied(engines()), prompts, n=4, temperature=1.0, max_new_tokens=12)
+    end = Counter(t for row in free for ids in row for t in ids[1:]).most_common(1)[0][0]
+    plain, fast = _varied(engines(), end), _varied(engines(cpu_kernel=True), end)
+    assert fast.kernels is kernels and plain.kernels is None
+    for seed in (0, 1):
+        params = dict(n=4, temperature=1.0, max_new_tokens=12, seed=seed)
+        got = _completions(fast, prompts, **params)
+        assert got == _completions(plain, prompts, **params)
+        assert len({len(ids) for row in got for ids in row}) > 2
+    continuations = [p + ending for p in prompts for ending in ("<think>", "<think>3 +")]
+    grouped = (_varied(engines(group_prefixes=True, cpu_kernel=True), end),
+               _varied(engines(group_prefixes=True), end))
+    params = dict(n=1, temperature=1.0, max_new_tokens=10, seed=2)
+    assert (_completions(grouped[0], continuations, **params)
+            == _completions(grouped[1], continuations, **params))
+
+
+def test_without_a_compiler_the_engine_warns_and_decodes_with_torch(engines, monkeypatch):
+    import torch.utils.cpp_extension
+
+    from backtrack.engines import cpu_attention
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    cpu_attention.load_kernels.cache_clear()
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    try:
+        with pytest.warns(RuntimeWarning, match="did not build .Ninja is required"):
+            engine = engines(cpu_kernel=True)
+        assert engine.kernels is None
+        assert len(_completions(engine, ["Tom has 3 apples."], n=2, max_new_tokens=4)[0]) == 2
+    finally:
+        cpu_attention.load_kernels.cache_clear()
+
+
+def test_cpu_kernel_needs_shared_prefix_and_applies_to_float32_on_cpu(tiny_model_dir):
+    import torch
+
+    from backtrack.engines.cpu_attention import supports
+
+    with pytest.raises(UserError, match="option 'cpu_kernel' .* needs shared_prefix: true"):
+        make_engine("hf", str(tiny_model_dir), decode="compact", cpu_kernel=True)
+    engine = make_engine("hf", str(tiny_model_dir), device="cpu")
+    assert supports(engine.model, "cpu") and not supports(engine.model, "cuda")
+    assert not supports(engine.model.to(torch.bfloat16), "cpu")
