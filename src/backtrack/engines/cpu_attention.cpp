@@ -20,7 +20,9 @@ typedef float vf8 __attribute__((vector_size(32)));
 
 inline vf8 load8(const float* p) { vf8 v; std::memcpy(&v, p, sizeof(v)); return v; }
 inline void store8(float* p, vf8 v) { std::memcpy(p, &v, sizeof(v)); }
-inline float sum8(vf8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+inline float sum8(vf8 v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
 
 constexpr int64_t kQueries = 4;  // queries of one prompt and kv head sharing each key load
 constexpr int64_t kMaxChunks = 32;  // dim <= 256
@@ -125,7 +127,8 @@ torch::Tensor cascade_scores(torch::Tensor q, torch::Tensor prompt_keys, torch::
   return scores;
 }
 
-// out[r, h] = sum_t w[r, h, t] prompt_values[p(r), kv(h), t] + sum_t w[r, h, Tp + t] own_values[r, kv(h), t]
+// out[r, h] = sum_t w[r, h, t] prompt_values[p(r), kv(h), t]
+//           + sum_t w[r, h, Tp + t] own_values[r, kv(h), t]
 torch::Tensor cascade_values(torch::Tensor weights, torch::Tensor prompt_values,
                              torch::Tensor padding, torch::Tensor own_values,
                              torch::Tensor starts) {
@@ -195,7 +198,8 @@ torch::Tensor cascade_values(torch::Tensor weights, torch::Tensor prompt_values,
 // rows 0..len(kept)-1 in place: one copy of each kept row (index-then-assign makes two).
 void compact_rows(torch::Tensor buffer, torch::Tensor kept, int64_t length) {
   TORCH_CHECK(buffer.device().is_cpu() && buffer.dim() == 4 && buffer.stride(3) == 1 &&
-              buffer.stride(2) == buffer.size(3), "compact_rows: a [rows, heads, room, dim] buffer");
+              buffer.stride(2) == buffer.size(3),
+              "compact_rows: a [rows, heads, room, dim] buffer");
   kept = kept.to(torch::kInt64).contiguous();
   const int64_t* kd = kept.data_ptr<int64_t>();
   const int64_t heads = buffer.size(1), bytes = length * buffer.size(3) * buffer.element_size();

@@ -23,17 +23,18 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 
 
-def _cpu_tag() -> str:
-    """Hash of this CPU's model and instruction-set flags: a -march=native build cached under
-    one home directory must not be loaded on another CPU."""
+def _build_tag() -> str:
+    """Hash of the source and of this CPU's model and instruction-set flags: a -march=native
+    build cached under one home directory must not be loaded on another CPU, and two
+    checkouts with different sources must not rebuild over each other."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         import platform
         text = platform.processor() + platform.machine()
-    lines = [line for line in text.splitlines()
-             if line.split(":")[0].strip() in ("model name", "flags", "Features")]
-    return hashlib.sha256("\n".join(sorted(set(lines))).encode()).hexdigest()[:10]
+    lines = sorted({line for line in text.splitlines()
+                    if line.split(":")[0].strip() in ("model name", "flags", "Features")})
+    return hashlib.sha256(SOURCE.read_bytes() + "\n".join(lines).encode()).hexdigest()[:12]
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,7 +44,7 @@ def load_kernels():
     from torch.utils.cpp_extension import load
 
     try:
-        return load(name=f"backtrack_cpu_attention_{_cpu_tag()}", sources=[str(SOURCE)],
+        return load(name=f"backtrack_cpu_attention_{_build_tag()}", sources=[str(SOURCE)],
                     extra_cflags=["-O3", "-march=native"], verbose=False)
     except Exception as error:  # a missing compiler or ninja, an unsupported flag
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]

@@ -17,6 +17,7 @@ start with once (`hf_prefill.common_start`): the same attention, summed in anoth
 with it, `compile` compiles that decode step (`hf_decode.compiled_step`), and
 `group_prefixes` holds the leading tokens n = 1 prompts share once (`hf_prefix.prefix_groups`):
 greedy, the same tokens; sampled, other draws (another batching order), same distribution.
+`cpu_kernel` (with `shared_prefix`) runs that decode attention in C++ (`cpu_attention`).
 """
 
 from __future__ import annotations
