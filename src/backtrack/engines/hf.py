@@ -63,7 +63,8 @@ class HFEngine(Engine):
     that share leading tokens, as the continuations of one problem do: prompts are batched in
     token order instead of by length, and each group's shared part is prefilled once.
     With `decode: compact` on CPU the engine keeps its KV cache memory between calls, at the
-    largest call's size (`hf_decode.DecodeBuffers`; `close()` frees it). `cpu_kernel` (with
+    largest call's size (`hf_decode.DecodeBuffers`; `close()` frees it), and on CPU it asks
+    glibc to keep freed memory for reuse (`hf_decode.hold_freed_memory`, process-wide). `cpu_kernel` (with
     `shared_prefix`, not `compile`; float32 on CPU) runs the decode steps' attention and cache
     compaction in a C++ kernel built on first use (`cpu_attention`), or warns and keeps torch's
     matmuls where it cannot build."""
@@ -121,12 +122,14 @@ class HFEngine(Engine):
             raise UserError(f"engine 'hf': option 'cpu_kernel' must be true or false and needs "
                             f"shared_prefix: true, got {cpu_kernel!r}")
         from backtrack.engines.cpu_attention import load_kernels, supports
-        from backtrack.engines.hf_decode import DecodeBuffers
+        from backtrack.engines.hf_decode import DecodeBuffers, hold_freed_memory
 
         self.kernels = (load_kernels() if cpu_kernel and not compile
                         and supports(self.model, self.device) else None)
 
         self.buffers = DecodeBuffers(keep=not self.device.startswith("cuda"))
+        if self.buffers.keep:  # the same policy for the rest of a call's memory
+            hold_freed_memory()
         self._compiled_step = None
 
     def _resolve_attention(self, implementation: str | None, attend_filled: bool) -> str | None:
