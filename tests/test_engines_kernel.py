@@ -1,6 +1,6 @@
 """The hf engine's `cpu_kernel`: the C++ decode attention gives torch's attention (up to float
 summation order) for full and thinned batches, grouped-query heads, strided own caches and
-padded own tokens; its compaction gives the gather's rows; the engine gives the same tokens
+padded own tokens, and its token-major cache keeps rows in place; the engine gives the same tokens
 with it; where it cannot build, the engine warns and decodes with torch. Also the CPU
 engine's memory setting (`hold_freed_memory`): freed memory is reused without page faults."""
 
@@ -52,17 +52,22 @@ def _attend(prefix, layer, query, own_keys, own_values, kernels):
 
 
 @pytest.mark.parametrize("heads, kv_heads, dim", [(4, 4, 40), (4, 2, 8), (6, 2, 16)])
-def test_kernel_attention_equals_torch_attention(kernels, heads, kv_heads, dim):
-    """5 prompts x 3 samples, a strided own cache (room for 2 more tokens): equal outputs in
-    every layer, before and after rows leave (prompt 1 loses all of its rows, which the kernel
-    skips while torch drops its keys)."""
+@pytest.mark.parametrize("token_major", [False, True])
+def test_kernel_attention_equals_torch_attention(kernels, heads, kv_heads, dim, token_major):
+    """5 prompts x 3 samples, an own cache with room for 2 more tokens per row, or stored
+    token-major: equal outputs in every layer, before and after rows leave (prompt 1 loses all
+    of its rows, which the kernel skips while torch drops its keys)."""
     import torch
 
     generator = torch.Generator().manual_seed(heads * dim)
     prefix = _prefix(5, 3, kv_heads, 9, dim, generator)
     rows, own_length = 15, 6
     query = torch.randn(rows, heads, 1, dim, generator=generator)
-    room = torch.randn(rows, kv_heads, own_length + 2, dim, generator=generator)
+    if token_major:
+        room = torch.randn(own_length + 2, rows, kv_heads, dim, generator=generator)
+        room = room[:own_length].permute(1, 2, 0, 3)
+    else:
+        room = torch.randn(rows, kv_heads, own_length + 2, dim, generator=generator)
     own_keys, own_values = room[:, :, :own_length], -room[:, :, :own_length]
     for layer in (0, 1):
         expected = _attend(prefix, layer, query, own_keys, own_values, None)
@@ -116,18 +121,39 @@ def test_kernel_masks_padding_among_a_rows_first_own_tokens(kernels):
                           expected[0], rtol=0, atol=2e-6)
 
 
-def test_compact_rows_moves_the_kept_rows_filled_part_in_place(kernels):
+def test_token_major_cache_appends_slabs_and_keeps_rows_in_place(kernels):
+    """The kernel's own-token cache: every view holds what was written (as [rows, heads,
+    tokens, dim]), in one kept buffer that never moves; dropping rows moves the kept ones to
+    the front of each token's slab (one copy each), after which appends still fit."""
     import torch
+    from transformers.cache_utils import DynamicLayer
 
-    buffer = torch.randn(6, 2, 7, 8)
-    length, kept = 4, torch.tensor([1, 2, 4])
-    expected = buffer[kept, :, :length].clone()
-    untouched = buffer[:, :, length:].clone()
-    kernels.compact_rows(buffer, kept, length)
-    assert torch.equal(buffer[:3, :, :length], expected)
-    assert torch.equal(buffer[:, :, length:], untouched)  # the free slots are not written
+    from backtrack.engines.cpu_attention import TokenMajorLayer
+    from backtrack.engines.hf_decode import DecodeBuffers
+
+    start = torch.randn(5, 2, 3, 8)
+    layer = DynamicLayer()
+    layer.update(start, -start)
+    cache = TokenMajorLayer(layer, 9, DecodeBuffers(), 0, kernels.compact_token_rows)
+    written, pointers = [start], set()
+    for _ in range(3):
+        new = torch.randn(5, 2, 1, 8)
+        keys, values = cache.update(new, -new)
+        written.append(new)
+        assert torch.equal(keys, torch.cat(written, 2)) and torch.equal(values, -keys)
+        assert keys.stride(2) > keys.stride(0)  # token-major: the kernel's loop order
+        pointers.add(keys.data_ptr())
+    assert len(pointers) == 1 and cache.get_seq_length() == 6
+    kept = torch.tensor([1, 2, 4])
+    cache.batch_select_indices(kept)
+    expected = torch.cat(written, 2)[kept]
+    assert torch.equal(cache.keys, expected) and torch.equal(cache.values, -expected)
+    new = torch.randn(3, 2, 1, 8)
+    assert torch.equal(cache.update(new, -new)[0], torch.cat([expected, new], 2))
     with pytest.raises(RuntimeError, match="ascend"):
-        kernels.compact_rows(buffer, torch.tensor([2, 1]), length)
+        kernels.compact_token_rows(cache._keys, torch.tensor([1, 0]), 2)
+    with pytest.raises(ValueError, match="exceed its capacity"):
+        cache.update(torch.randn(3, 2, 3, 8), torch.randn(3, 2, 3, 8))
 
 
 @pytest.fixture(scope="module")

@@ -109,21 +109,28 @@ torch::Tensor cascade_scores(torch::Tensor q, torch::Tensor prompt_keys, torch::
     }
   }
   const int64_t s0 = own_keys.stride(0), s1 = own_keys.stride(1), s2 = own_keys.stride(2);
+  const auto own_score = [&](int64_t r, int64_t h, int64_t t) {
+    const float* qq = qd + (r * heads + h) * dim;
+    const float* k = od + r * s0 + (h / per_kv) * s1 + t * s2;
+    vf8 a = {};
+    for (int64_t c = 0; c < chunks; ++c) a += load8(qq + 8 * c) * load8(k + 8 * c);
+    sd[(r * heads + h) * width + prompt_len + t] = sum8(a) * sc;
+  };
+  if (s2 > s0) {  // token-major cache (`TokenMajorLayer`): one token's slab after another
+    for (int64_t t = 0; t < own_len; ++t)
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t h = 0; h < heads; ++h) own_score(r, h, t);
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t h = 0; h < heads; ++h)
+        for (int64_t t = 0; t < own_len; ++t) own_score(r, h, t);
+  }
   const int64_t biased = own.defined() ? own.size(1) : 0;
   const float* ob = own.defined() ? own.data_ptr<float>() : nullptr;
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t h = 0; h < heads; ++h) {
-      const float* qq = qd + (r * heads + h) * dim;
-      const float* keys = od + r * s0 + (h / per_kv) * s1;
-      float* out = sd + (r * heads + h) * width + prompt_len;
-      for (int64_t t = 0; t < own_len; ++t) {
-        vf8 a = {};
-        for (int64_t c = 0; c < chunks; ++c) a += load8(qq + 8 * c) * load8(keys + t * s2 + 8 * c);
-        out[t] = sum8(a) * sc;
-      }
-      for (int64_t t = 0; t < biased; ++t) out[t] += ob[r * biased + t];
-    }
-  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t t = 0; t < biased; ++t)
+        sd[(r * heads + h) * width + prompt_len + t] += ob[r * biased + t];
   return scores;
 }
 
@@ -153,6 +160,7 @@ torch::Tensor cascade_values(torch::Tensor weights, torch::Tensor prompt_values,
   const int64_t* pad = padding.data_ptr<int64_t>();
   float* outd = out.data_ptr<float>();
   const int64_t s0 = own_values.stride(0), s1 = own_values.stride(1), s2 = own_values.stride(2);
+  const bool token_major = s2 > s0;
   vf8 acc[kQueries][kMaxChunks];
   for (int64_t p = 0; p < prompts; ++p) {
     const Queries queries{st[p] * per_kv, (st[p + 1] - st[p]) * per_kv, per_kv};
@@ -182,7 +190,7 @@ torch::Tensor cascade_values(torch::Tensor weights, torch::Tensor prompt_values,
           }
         }
         for (int64_t j = 0; j < m; ++j) {
-          for (int64_t t = 0; t < own_len; ++t) {
+          for (int64_t t = 0; t < own_len && !token_major; ++t) {
             const float w = ws[j][prompt_len + t];
             for (int64_t c = 0; c < chunks; ++c) acc[j][c] += w * load8(own[j] + t * s2 + 8 * c);
           }
@@ -191,28 +199,40 @@ torch::Tensor cascade_values(torch::Tensor weights, torch::Tensor prompt_values,
       }
     }
   }
+  // a token-major cache: the same sums in the same order, one token's slab after another
+  for (int64_t t = 0; t < own_len && token_major; ++t) {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t h = 0; h < heads; ++h) {
+        const float w = wd[(r * heads + h) * width + prompt_len + t];
+        const float* v = od + r * s0 + (h / per_kv) * s1 + t * s2;
+        float* o = outd + (r * heads + h) * dim;
+        for (int64_t c = 0; c < chunks; ++c)
+          store8(o + 8 * c, load8(o + 8 * c) + w * load8(v + 8 * c));
+      }
+    }
+  }
   return out;
 }
 
-// Rows `kept` (ascending) of a [rows, heads, room, dim] buffer's first `length` slots moved to
-// rows 0..len(kept)-1 in place: one copy of each kept row (index-then-assign makes two).
-void compact_rows(torch::Tensor buffer, torch::Tensor kept, int64_t length) {
+// Rows `kept` (ascending) of a token-major [room, rows, heads, dim] buffer (`TokenMajorLayer`)
+// moved to the front of each of its first `length` tokens' slabs, in place: one copy of each
+// kept row (index-then-assign makes two).
+void compact_token_rows(torch::Tensor buffer, torch::Tensor kept, int64_t length) {
   TORCH_CHECK(buffer.device().is_cpu() && buffer.dim() == 4 && buffer.stride(3) == 1 &&
-              buffer.stride(2) == buffer.size(3),
-              "compact_rows: a [rows, heads, room, dim] buffer");
+              buffer.stride(2) == buffer.size(3) &&
+              buffer.stride(1) == buffer.size(2) * buffer.size(3),
+              "compact_token_rows: a [room, rows, heads, dim] buffer");
   kept = kept.to(torch::kInt64).contiguous();
   const int64_t* kd = kept.data_ptr<int64_t>();
-  const int64_t heads = buffer.size(1), bytes = length * buffer.size(3) * buffer.element_size();
+  const int64_t row = buffer.stride(1) * buffer.element_size();
+  const int64_t slab = buffer.stride(0) * buffer.element_size();
+  for (int64_t i = 0; i < kept.numel(); ++i)
+    TORCH_CHECK(kd[i] >= i && kd[i] < buffer.size(1) && (i == 0 || kd[i] > kd[i - 1]),
+                "compact_token_rows: kept rows must ascend");
   char* base = static_cast<char*>(buffer.data_ptr());
-  const int64_t row = buffer.stride(0) * buffer.element_size();
-  const int64_t head = buffer.stride(1) * buffer.element_size();
-  for (int64_t i = 0; i < kept.numel(); ++i) {
-    TORCH_CHECK(kd[i] >= i && kd[i] < buffer.size(0) && (i == 0 || kd[i] > kd[i - 1]),
-                "compact_rows: kept rows must ascend");
-    if (kd[i] == i) continue;
-    for (int64_t h = 0; h < heads; ++h) std::memmove(base + i * row + h * head,
-                                                     base + kd[i] * row + h * head, bytes);
-  }
+  for (int64_t t = 0; t < length; ++t)
+    for (int64_t i = 0; i < kept.numel(); ++i)
+      if (kd[i] != i) std::memmove(base + t * slab + i * row, base + t * slab + kd[i] * row, row);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -221,5 +241,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("starts"),
         pybind11::arg("scaling"), pybind11::arg("own_bias") = pybind11::none());
   m.def("cascade_values", &cascade_values);
-  m.def("compact_rows", &compact_rows);
+  m.def("compact_token_rows", &compact_token_rows);
 }

@@ -20,6 +20,8 @@ import hashlib
 import warnings
 from pathlib import Path
 
+from transformers.cache_utils import DynamicLayer
+
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 
 
@@ -39,7 +41,7 @@ def _build_tag() -> str:
 
 @functools.lru_cache(maxsize=None)
 def load_kernels():
-    """The compiled module (`cascade_scores`, `cascade_values`, `compact_rows`), or None with a
+    """The compiled module (`cascade_scores`, `cascade_values`, `compact_token_rows`), or None with a
     warning when it does not build here."""
     from torch.utils.cpp_extension import load
 
@@ -78,3 +80,50 @@ def cascade_attention(kernels, query, key, value, prefix, layer: int, scaling: f
     out = kernels.cascade_values(weights, prefix.values[layer], prefix.padding, value,
                                  prefix.starts)
     return out.reshape(rows, 1, heads, dim)
+
+
+class TokenMajorLayer(DynamicLayer):
+    """The rows' own-token cache for the kernel, stored token-major ([tokens, rows, kv heads,
+    dim] in a kept buffer with room for `capacity` tokens): a step appends one contiguous slab,
+    so rows need no free slots between them and the cache never moves (`hf_decode.
+    PreallocatedLayer` keeps 2 free slots and moves every 3 steps), and the kernel streams each
+    token's keys for all rows at once. `keys` / `values` are [rows, kv heads, tokens, dim]
+    views, as transformers expects; only the kernel reads them (torch's matmuls would copy)."""
+
+    def __init__(self, layer: DynamicLayer, capacity: int, buffers, index: int, compact_rows):
+        super().__init__()
+        keys, values = layer.keys, layer.values
+        rows, heads, length, dim = keys.shape
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        shape = (max(capacity, length), rows, heads, dim)
+        self._keys, self._values = (buffers.take((index, part, "tokens"), shape, keys)
+                                    for part in ("keys", "values"))
+        self._keys[:length] = keys.permute(2, 0, 1, 3)
+        self._values[:length] = values.permute(2, 0, 1, 3)
+        self._compact_rows, self.length = compact_rows, length
+        self._views()
+
+    def _views(self) -> None:
+        self.keys = self._keys[:self.length].permute(1, 2, 0, 3)
+        self.values = self._values[:self.length].permute(1, 2, 0, 3)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self._keys.shape[0]:
+            raise ValueError(f"TokenMajorLayer: {end} tokens exceed its capacity "
+                             f"{self._keys.shape[0]}")
+        self._keys[self.length:end] = key_states.permute(2, 0, 1, 3)
+        self._values[self.length:end] = value_states.permute(2, 0, 1, 3)
+        self.length = end
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices) -> None:
+        """Keep rows `indices` (ascending), moved to the front of each token's slab."""
+        for buffer in (self._keys, self._values):
+            self._compact_rows(buffer, indices, self.length)
+        self._keys, self._values = self._keys[:, :len(indices)], self._values[:, :len(indices)]
+        self._views()

@@ -90,14 +90,13 @@ class PreallocatedLayer(DynamicLayer):
     steps."""
 
     def __init__(self, layer: DynamicLayer, capacity: int, buffers: DecodeBuffers | None = None,
-                 index: int = 0, slack: int | None = None, compact=None):
+                 index: int = 0, slack: int | None = None):
         super().__init__()
         keys, values = layer.keys, layer.values
         rows, heads, length, dim = keys.shape
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
         self._buffers = buffers or DecodeBuffers(keep=False)
         self._index, self._slack, self._side = index, slack, 0
-        self._compact = compact  # `compact_rows` of `cpu_attention.load_kernels()`, or None
         room = max(capacity, length) if slack is None else length + slack
         self._keys, self._values = self._take(rows, room, keys)
         self._keys[:, :, :length], self._values[:, :, :length] = keys, values
@@ -141,10 +140,7 @@ class PreallocatedLayer(DynamicLayer):
         only their filled part."""
         kept = len(indices)
         for buffer in (self._keys, self._values):
-            if self._compact is not None:  # one copy of each kept row, not a gather and a copy
-                self._compact(buffer, indices, self.length)
-            else:
-                buffer[:kept, :, :self.length] = buffer[indices, :, :self.length]
+            buffer[:kept, :, :self.length] = buffer[indices, :, :self.length]
         self._keys, self._values = self._keys[:kept], self._values[:kept]
         self._views()
 
@@ -239,6 +235,17 @@ DEAD_SHARE = 8
 CACHE_SLACK = 2
 
 
+def _decode_layer(layer, capacity: int, buffers, index: int, slack, kernels):
+    """The decode's cache layer: token-major for the C++ kernel (`cpu_attention`), else
+    `PreallocatedLayer`."""
+    if kernels is None:
+        return PreallocatedLayer(layer, capacity, buffers, index, slack)
+    from backtrack.engines.cpu_attention import TokenMajorLayer
+
+    return TokenMajorLayer(layer, capacity, buffers or DecodeBuffers(keep=False), index,
+                           kernels.compact_token_rows)
+
+
 def compact_decode(model, input_ids, mask, cache, max_new_tokens: int, eos_ids: list[int],
                    temperature: float, top_p: float, suppress: list[int], seed: int,
                    prefix=None, buffers: DecodeBuffers | None = None,
@@ -281,10 +288,8 @@ def compact_decode(model, input_ids, mask, cache, max_new_tokens: int, eos_ids: 
     # a compiled `step` keeps one buffer: each move to the other would change the cache's
     # strides, and torch.compile would compile the step again
     slack = CACHE_SLACK if input_ids.device.type == "cpu" and step is None else None
-    kernels = getattr(prefix, "kernels", None)
-    compact = kernels.compact_rows if kernels is not None else None
-    cache.layers = [PreallocatedLayer(layer, layer.get_seq_length() + max_new_tokens + 1,
-                                      buffers, index, slack, compact)
+    cache.layers = [_decode_layer(layer, layer.get_seq_length() + max_new_tokens + 1, buffers,
+                                  index, slack, getattr(prefix, "kernels", None))
                     if layer.is_initialized else layer for index, layer in enumerate(cache.layers)]
     forward = (step or shared_prefix_step(model)) if prefix is not None else None
     generator = torch.Generator(device=input_ids.device).manual_seed(seed)
