@@ -26,6 +26,7 @@ inline float sum8(vf8 v) {
 
 constexpr int64_t kQueries = 4;  // queries of one prompt and kv head sharing each key load
 constexpr int64_t kMaxChunks = 32;  // dim <= 256
+constexpr int64_t kTokens = 16;  // a token-major cache's tokens read together (16 streams)
 
 // The (row, query head) pairs of prompt p under kv head kh, in order: pair i of `count`.
 struct Queries {
@@ -116,10 +117,11 @@ torch::Tensor cascade_scores(torch::Tensor q, torch::Tensor prompt_keys, torch::
     for (int64_t c = 0; c < chunks; ++c) a += load8(qq + 8 * c) * load8(k + 8 * c);
     sd[(r * heads + h) * width + prompt_len + t] = sum8(a) * sc;
   };
-  if (s2 > s0) {  // token-major cache (`TokenMajorLayer`): one token's slab after another
-    for (int64_t t = 0; t < own_len; ++t)
+  if (s2 > s0) {  // token-major cache (`TokenMajorLayer`): kTokens tokens' slabs at a time
+    for (int64_t t0 = 0; t0 < own_len; t0 += kTokens)
       for (int64_t r = 0; r < rows; ++r)
-        for (int64_t h = 0; h < heads; ++h) own_score(r, h, t);
+        for (int64_t h = 0; h < heads; ++h)
+          for (int64_t t = t0; t < std::min(own_len, t0 + kTokens); ++t) own_score(r, h, t);
   } else {
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t h = 0; h < heads; ++h)
@@ -199,15 +201,18 @@ torch::Tensor cascade_values(torch::Tensor weights, torch::Tensor prompt_values,
       }
     }
   }
-  // a token-major cache: the same sums in the same order, one token's slab after another
-  for (int64_t t = 0; t < own_len && token_major; ++t) {
+  // a token-major cache: the same sums in the same order, kTokens tokens' slabs at a time
+  for (int64_t t0 = 0; t0 < own_len && token_major; t0 += kTokens) {
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t h = 0; h < heads; ++h) {
-        const float w = wd[(r * heads + h) * width + prompt_len + t];
-        const float* v = od + r * s0 + (h / per_kv) * s1 + t * s2;
+        const float* w = wd + (r * heads + h) * width + prompt_len;
         float* o = outd + (r * heads + h) * dim;
-        for (int64_t c = 0; c < chunks; ++c)
-          store8(o + 8 * c, load8(o + 8 * c) + w * load8(v + 8 * c));
+        for (int64_t c = 0; c < chunks; ++c) acc[0][c] = load8(o + 8 * c);
+        for (int64_t t = t0; t < std::min(own_len, t0 + kTokens); ++t) {
+          const float* v = od + r * s0 + (h / per_kv) * s1 + t * s2;
+          for (int64_t c = 0; c < chunks; ++c) acc[0][c] += w[t] * load8(v + 8 * c);
+        }
+        for (int64_t c = 0; c < chunks; ++c) store8(o + 8 * c, acc[0][c]);
       }
     }
   }
