@@ -110,22 +110,21 @@ torch::Tensor cascade_scores(torch::Tensor q, torch::Tensor prompt_keys, torch::
     }
   }
   const int64_t s0 = own_keys.stride(0), s1 = own_keys.stride(1), s2 = own_keys.stride(2);
-  const auto own_score = [&](int64_t r, int64_t h, int64_t t) {
-    const float* qq = qd + (r * heads + h) * dim;
-    const float* k = od + r * s0 + (h / per_kv) * s1 + t * s2;
-    vf8 a = {};
-    for (int64_t c = 0; c < chunks; ++c) a += load8(qq + 8 * c) * load8(k + 8 * c);
-    sd[(r * heads + h) * width + prompt_len + t] = sum8(a) * sc;
-  };
-  if (s2 > s0) {  // token-major cache (`TokenMajorLayer`): kTokens tokens' slabs at a time
-    for (int64_t t0 = 0; t0 < own_len; t0 += kTokens)
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t h = 0; h < heads; ++h)
-          for (int64_t t = t0; t < std::min(own_len, t0 + kTokens); ++t) own_score(r, h, t);
-  } else {
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t h = 0; h < heads; ++h)
-        for (int64_t t = 0; t < own_len; ++t) own_score(r, h, t);
+  // own tokens, kTokens at a time (of a token-major cache: as many slabs)
+  for (int64_t t0 = 0; t0 < own_len; t0 += kTokens) {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* qq = qd + (r * heads + h) * dim;
+        const float* keys = od + r * s0 + (h / per_kv) * s1;
+        float* out = sd + (r * heads + h) * width + prompt_len;
+        for (int64_t t = t0; t < std::min(own_len, t0 + kTokens); ++t) {
+          vf8 a = {};
+          for (int64_t c = 0; c < chunks; ++c)
+            a += load8(qq + 8 * c) * load8(keys + t * s2 + 8 * c);
+          out[t] = sum8(a) * sc;
+        }
+      }
+    }
   }
   const int64_t biased = own.defined() ? own.size(1) : 0;
   const float* ob = own.defined() ? own.data_ptr<float>() : nullptr;
@@ -162,7 +161,6 @@ torch::Tensor cascade_values(torch::Tensor weights, torch::Tensor prompt_values,
   const int64_t* pad = padding.data_ptr<int64_t>();
   float* outd = out.data_ptr<float>();
   const int64_t s0 = own_values.stride(0), s1 = own_values.stride(1), s2 = own_values.stride(2);
-  const bool token_major = s2 > s0;
   vf8 acc[kQueries][kMaxChunks];
   for (int64_t p = 0; p < prompts; ++p) {
     const Queries queries{st[p] * per_kv, (st[p + 1] - st[p]) * per_kv, per_kv};
@@ -171,13 +169,11 @@ torch::Tensor cascade_values(torch::Tensor weights, torch::Tensor prompt_values,
       for (int64_t i0 = 0; i0 < queries.count; i0 += kQueries) {
         const int64_t m = std::min(kQueries, queries.count - i0);
         const float* ws[kQueries];
-        const float* own[kQueries];
         float* dst[kQueries];
         for (int64_t j = 0; j < kQueries; ++j) {
           int64_t r, h;
           queries.at(i0 + std::min(j, m - 1), kh, &r, &h);
           ws[j] = wd + (r * heads + h) * width;
-          own[j] = od + r * s0 + kh * s1;
           dst[j] = outd + (r * heads + h) * dim;
           for (int64_t c = 0; c < chunks; ++c) acc[j][c] = vf8{};
         }
@@ -191,18 +187,13 @@ torch::Tensor cascade_values(torch::Tensor weights, torch::Tensor prompt_values,
             acc[0][c] += w0 * vv; acc[1][c] += w1 * vv; acc[2][c] += w2 * vv; acc[3][c] += w3 * vv;
           }
         }
-        for (int64_t j = 0; j < m; ++j) {
-          for (int64_t t = 0; t < own_len && !token_major; ++t) {
-            const float w = ws[j][prompt_len + t];
-            for (int64_t c = 0; c < chunks; ++c) acc[j][c] += w * load8(own[j] + t * s2 + 8 * c);
-          }
+        for (int64_t j = 0; j < m; ++j)
           for (int64_t c = 0; c < chunks; ++c) store8(dst[j] + 8 * c, acc[j][c]);
-        }
       }
     }
   }
-  // a token-major cache: the same sums in the same order, kTokens tokens' slabs at a time
-  for (int64_t t0 = 0; t0 < own_len && token_major; t0 += kTokens) {
+  // own tokens, kTokens at a time (of a token-major cache: as many slabs)
+  for (int64_t t0 = 0; t0 < own_len; t0 += kTokens) {
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t h = 0; h < heads; ++h) {
         const float* w = wd + (r * heads + h) * width + prompt_len;
