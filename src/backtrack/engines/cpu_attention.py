@@ -7,10 +7,12 @@ microsecond per matrix (and, under 400 multiply-adds a matrix, ATen's scalar loo
 ~10 own tokens), so on the toy model the attention read its keys and values at ~5 GB/s of the
 ~17.5 GB/s this CPU streams (README). The two loops in `cpu_attention.cpp` read each prompt's
 keys and values once for all its rows, 8 floats at a time: the same attention, summed in
-another order. torch and transformers have no such CPU kernel, and vLLM's CPU attention comes
-only with a vLLM CPU build, hence this one. It is built on first use for this machine's CPU
-(`-march=native`, ~30 s, cached by torch under ~/.cache/torch_extensions); where it cannot
-build (no C++ compiler or ninja) the engine warns once and keeps torch's matmuls. One thread.
+another order. The rows' own tokens live token-major (`TokenMajorLayer`): appending a token
+writes one slab, so that cache never moves. torch and transformers have no such CPU kernel,
+and vLLM's CPU attention comes only with a vLLM CPU build, hence this one. It is built on
+first use for this machine's CPU (`-march=native`, ~30 s, cached by torch under
+~/.cache/torch_extensions); where it cannot build (no C++ compiler or ninja) the engine warns
+once and keeps torch's matmuls. One thread.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 
 
 def _build_tag() -> str:
-    """Hash of the source and of this CPU's model and instruction-set flags: a -march=native
-    build cached under one home directory must not be loaded on another CPU, and two
-    checkouts with different sources must not rebuild over each other."""
+    """Hash of the source (its bytes and path) and of this CPU's model and instruction-set
+    flags: a -march=native build cached under one home directory must not be loaded on another
+    CPU, and two checkouts must not rebuild over each other (torch rebuilds a module whose
+    source path changed)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -36,13 +39,14 @@ def _build_tag() -> str:
         text = platform.processor() + platform.machine()
     lines = sorted({line for line in text.splitlines()
                     if line.split(":")[0].strip() in ("model name", "flags", "Features")})
-    return hashlib.sha256(SOURCE.read_bytes() + "\n".join(lines).encode()).hexdigest()[:12]
+    described = "\n".join([str(SOURCE.resolve()), *lines]).encode()
+    return hashlib.sha256(SOURCE.read_bytes() + described).hexdigest()[:12]
 
 
 @functools.lru_cache(maxsize=None)
 def load_kernels():
-    """The compiled module (`cascade_scores`, `cascade_values`, `compact_token_rows`), or None with a
-    warning when it does not build here."""
+    """The compiled module (`cascade_scores`, `cascade_values`, `compact_token_rows`), or
+    None with a warning when it does not build here."""
     from torch.utils.cpp_extension import load
 
     try:

@@ -64,10 +64,10 @@ class HFEngine(Engine):
     token order instead of by length, and each group's shared part is prefilled once.
     With `decode: compact` on CPU the engine keeps its KV cache memory between calls, at the
     largest call's size (`hf_decode.DecodeBuffers`; `close()` frees it), and on CPU it asks
-    glibc to keep freed memory for reuse (`hf_decode.hold_freed_memory`, process-wide). `cpu_kernel` (with
-    `shared_prefix`, not `compile`; float32 on CPU) runs the decode steps' attention and cache
-    compaction in a C++ kernel built on first use (`cpu_attention`), or warns and keeps torch's
-    matmuls where it cannot build."""
+    glibc to keep freed memory for reuse (`hf_decode.hold_freed_memory`, process-wide).
+    `cpu_kernel` (with `shared_prefix`, not `compile`; float32 on CPU) runs the decode steps'
+    attention in a C++ kernel built on first use, over a token-major own-token cache
+    (`cpu_attention`), or warns and keeps torch's matmuls where it cannot build."""
 
     def __init__(self, model_path: str, device: str | None = None, dtype: str | None = None,
                  batch_size: int = 64, share_prefill: bool = True, num_threads: int | None = None,

@@ -72,7 +72,8 @@ def hold_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-    return bool(mallopt(m_trim_threshold, 256 << 20)) and bool(mallopt(m_mmap_threshold, 32 << 20))
+    kept = bool(mallopt(m_trim_threshold, 256 << 20))
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and kept
 
 
 class PreallocatedLayer(DynamicLayer):
