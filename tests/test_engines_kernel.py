@@ -202,6 +202,7 @@ def test_engine_gives_the_same_tokens_with_the_kernel(kernels, engines):
     end = Counter(t for row in free for ids in row for t in ids[1:]).most_common(1)[0][0]
     plain, fast = _varied(engines(), end), _varied(engines(cpu_kernel=True), end)
     assert fast.kernels is kernels and plain.kernels is None
+    assert fast.describe()["cpu_kernel"] and not plain.describe()["cpu_kernel"]  # in summaries
     for seed in (0, 1):
         params = dict(n=4, temperature=1.0, max_new_tokens=12, seed=seed)
         got = _completions(fast, prompts, **params)
@@ -228,7 +229,7 @@ def test_without_a_compiler_the_engine_warns_and_decodes_with_torch(engines, mon
     try:
         with pytest.warns(RuntimeWarning, match="did not build .Ninja is required"):
             engine = engines(cpu_kernel=True)
-        assert engine.kernels is None
+        assert engine.kernels is None and engine.describe()["cpu_kernel"] is False
         assert len(_completions(engine, ["Tom has 3 apples."], n=2, max_new_tokens=4)[0]) == 2
     finally:
         cpu_attention.load_kernels.cache_clear()

@@ -119,8 +119,9 @@ def protocol_options(config: EvalConfig, evaluation) -> dict:
 
 
 def sample_evaluation(config: EvalConfig, evaluation, model_path: str, task, problems,
-                      store) -> None:
-    """Generate the missing samples of `problems` into `store` under the protocol."""
+                      store) -> dict:
+    """Generate the missing samples of `problems` into `store` under the protocol; the
+    engine's `describe()` ({} when nothing was missing)."""
     from backtrack.chat import render_prompt
     from backtrack.generation import open_engine, sample_problems, sample_record
     from backtrack.models import load_tokenizer
@@ -128,7 +129,7 @@ def sample_evaluation(config: EvalConfig, evaluation, model_path: str, task, pro
 
     done = store.done_keys()
     if all((p.id, i, 0) in done for p in problems for i in range(config.n)):
-        return
+        return {}
     protocol = get_protocol(evaluation.protocol)
     options = protocol_options(config, evaluation)
     tokenizer = load_tokenizer(model_path)
@@ -138,12 +139,15 @@ def sample_evaluation(config: EvalConfig, evaluation, model_path: str, task, pro
     if protocol.wrap is not None:
         by_prompt = {prompts[pid]: m for pid, m in messages.items()}
         engine = protocol.wrap(engine, tokenizer, config, by_prompt)
+    make_record = (functools.partial(protocol.make_record, **options)
+                   if protocol.make_record else sample_record)
     try:
-        sample_problems(engine, task, problems, prompts, config.generation_params(config.n),
-                        store, config.n, config.batch_size, desc=f"eval {evaluation.name}",
-                        progress=config.progress, extra_fields={"arm": evaluation.name},
-                        make_record=functools.partial(protocol.make_record, **options)
-                        if protocol.make_record else sample_record)
+        stats = sample_problems(engine, task, problems, prompts,
+                                config.generation_params(config.n), store, config.n,
+                                config.batch_size, desc=f"eval {evaluation.name}",
+                                progress=config.progress, extra_fields={"arm": evaluation.name},
+                                make_record=make_record)
+        return stats.engine
     finally:
         engine.close()
 
@@ -177,7 +181,7 @@ def evaluate_arm(config: EvalConfig, entry: str) -> dict:
     model_path = arm_model_path(evaluation.arm.name, config.model, config.output_dir,
                                 config.arm_models)
     with RecordStore(folder, fingerprint(config, evaluation, model_path)) as store:
-        sample_evaluation(config, evaluation, model_path, task, problems, store)
+        engine = sample_evaluation(config, evaluation, model_path, task, problems, store)
         wanted = {p.id for p in problems}
         records = [r for r in store.records() if r["problem_id"] in wanted
                    and r["sample_idx"] < config.n]
@@ -191,7 +195,8 @@ def evaluate_arm(config: EvalConfig, entry: str) -> dict:
     write_json(folder / "metrics.json", summary, indent=1)
     write_run_info(folder, config, "eval", extra={"arm": evaluation.name,
                                                   "protocol": evaluation.protocol,
-                                                  "model_path": model_path})
+                                                  "model_path": model_path,
+                                                  **({"engine": engine} if engine else {})})
     return summary
 
 

@@ -54,6 +54,7 @@ class RunStats:
     new_tokens: int = 0
     engine_seconds: float = 0.0
     started: float = dataclasses.field(default_factory=time.perf_counter)
+    engine: dict = dataclasses.field(default_factory=dict)  # `Engine.describe()` of the engine
     ended: float | None = None  # set by `stop()`; until then wall time runs on
 
     @property
@@ -74,7 +75,8 @@ class RunStats:
         return {"generated": self.samples, "new_tokens": self.new_tokens,
                 "wall_seconds": round(wall, 3), "engine_seconds": round(self.engine_seconds, 3),
                 "tokens_per_second": round(self.new_tokens / max(wall, 1e-9), 1),
-                "overhead_share": round(1 - self.engine_seconds / wall, 4) if wall else 0.0}
+                "overhead_share": round(1 - self.engine_seconds / wall, 4) if wall else 0.0,
+                **({"engine": self.engine} if self.engine else {})}
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
@@ -85,6 +87,9 @@ def progress_bar(total: int, desc: str, enabled: bool):
 
 
 def timed_generate(engine, prompts: list[str], params: GenerationParams, stats: RunStats):
+    if not stats.engine:  # a protocol's wrapper (budget forcing, two attempts) holds `.engine`
+        inner = getattr(engine, "engine", engine)
+        stats.engine = inner.describe() if hasattr(inner, "describe") else {}
     start = time.perf_counter()
     outputs = engine.generate(prompts, params)
     stats.engine_seconds += time.perf_counter() - start

@@ -56,6 +56,11 @@ class Engine:
     def close(self) -> None:
         """Release model memory or connections."""
 
+    def describe(self) -> dict:
+        """What the engine settled on at run time that its options do not say (kept in stage
+        summaries beside the figures): e.g. whether a kernel built on this machine."""
+        return {}
+
 
 def derive_seed(seed: int, *parts: object) -> int:
     """A 31-bit seed from `seed` and `parts`, stable across processes (unlike `hash`)."""

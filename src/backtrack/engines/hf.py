@@ -386,6 +386,10 @@ class HFEngine(Engine):
         return Completion(text=text, new_tokens=end + 1 if end is not None else len(kept),
                           finish_reason="stop" if finished else "length", token_ids=kept)
 
+    def describe(self) -> dict:
+        return {"device": self.device, "dtype": str(self.model.dtype).removeprefix("torch."),
+                "cpu_kernel": self.kernels is not None}
+
     def close(self) -> None:
         self.model = None
         self.buffers.clear()
