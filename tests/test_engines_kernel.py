@@ -235,6 +235,22 @@ def test_without_a_compiler_the_engine_warns_and_decodes_with_torch(engines, mon
         cpu_attention.load_kernels.cache_clear()
 
 
+@pytest.mark.timeout(300)
+def test_a_build_killed_midway_does_not_block_the_next_load(kernels):
+    """A build killed while it held torch's lock file leaves that file behind; the next load
+    must not wait on it forever (pytest-timeout fails this test if it does)."""
+    from backtrack.engines import cpu_attention
+
+    stale = cpu_attention.build_directory() / "lock"
+    stale.write_text("")  # as a SIGKILLed build leaves it
+    cpu_attention.load_kernels.cache_clear()
+    try:
+        assert cpu_attention.load_kernels() is not None
+        assert not stale.exists()
+    finally:
+        cpu_attention.load_kernels.cache_clear()
+
+
 def test_cpu_kernel_needs_shared_prefix_and_applies_to_float32_on_cpu(tiny_model_dir):
     import torch
 

@@ -43,15 +43,40 @@ def _build_tag() -> str:
     return hashlib.sha256(SOURCE.read_bytes() + described).hexdigest()[:12]
 
 
+def build_directory() -> Path:
+    """Where this checkout's build for this CPU lives (under torch's extensions root)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(get_default_build_root()) / f"backtrack_cpu_attention_{_build_tag()}"
+
+
+def _load_locked(folder: Path):
+    """torch's `load`, under a lock the OS drops when its process dies.
+
+    torch serialises builds with a lock file that only the building process removes: killed
+    mid-build (SIGKILL, OOM), it stays, and every later `load` waits on it forever. Holding an
+    flock on our own file, no other process of ours is building, so a torch lock file there is
+    a dead build's and is removed."""
+    from torch.utils.cpp_extension import load
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "backtrack.flock", "w") as handle:
+        try:
+            import fcntl
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            (folder / "lock").unlink(missing_ok=True)
+        except ImportError:  # no flock (Windows): torch's lock alone
+            pass
+        return load(name=folder.name, sources=[str(SOURCE)], build_directory=str(folder),
+                    extra_cflags=["-O3", "-march=native"], verbose=False)
+
+
 @functools.lru_cache(maxsize=None)
 def load_kernels():
     """The compiled module (`cascade_scores`, `cascade_values`, `compact_token_rows`), or
     None with a warning when it does not build here."""
-    from torch.utils.cpp_extension import load
-
     try:
-        return load(name=f"backtrack_cpu_attention_{_build_tag()}", sources=[str(SOURCE)],
-                    extra_cflags=["-O3", "-march=native"], verbose=False)
+        return _load_locked(build_directory())
     except Exception as error:  # a missing compiler or ninja, an unsupported flag
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         warnings.warn(f"hf engine: cpu_kernel: the C++ decode attention did not build ({reason}); "
