@@ -121,6 +121,22 @@ def test_kernel_masks_padding_among_a_rows_first_own_tokens(kernels):
                           expected[0], rtol=0, atol=2e-6)
 
 
+def test_kernel_refuses_inconsistent_inputs_instead_of_reading_past_them(kernels):
+    import torch
+
+    q, keys, own = torch.randn(4, 2, 8), torch.randn(2, 2, 5, 8), torch.randn(4, 2, 3, 8)
+    bias, starts = torch.zeros(2, 5), torch.tensor([0, 2, 4])
+    ok = kernels.cascade_scores(q, keys, bias, torch.tensor([[0, 1], [0, 0]]), own, starts, 0.3)
+    assert ok.shape == (4, 2, 8)
+    for bad, message in (((bias, torch.tensor([[0, 6], [0, 0]]), starts), "out of range"),
+                         ((bias, torch.zeros(2, 2, dtype=torch.long), torch.tensor([0, 2, 5])),
+                          "span the rows"),
+                         ((torch.zeros(2, 4), torch.zeros(2, 2, dtype=torch.long), starts),
+                          "shapes")):
+        with pytest.raises(RuntimeError, match=message):
+            kernels.cascade_scores(q, keys, bad[0], bad[1], own, bad[2], 0.3)
+
+
 def test_token_major_cache_appends_slabs_and_keeps_rows_in_place(kernels):
     """The kernel's own-token cache: every view holds what was written (as [rows, heads,
     tokens, dim]), in one kept buffer that never moves; dropping rows moves the kept ones to

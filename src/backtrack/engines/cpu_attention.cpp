@@ -42,6 +42,15 @@ void check(const torch::Tensor& t, int64_t dims, const char* name) {
               name, ": a float32 CPU tensor of ", dims, " dims expected");
 }
 
+// Rows of each prompt within [0, rows) and ascending; padding runs within the prompt.
+void check_rows(const int64_t* st, const int64_t* pad, int64_t prompts, int64_t rows,
+                int64_t prompt_len) {
+  TORCH_CHECK(st[0] == 0 && st[prompts] == rows, "starts: must span the rows");
+  for (int64_t p = 0; p < prompts; ++p)
+    TORCH_CHECK(st[p] <= st[p + 1] && 0 <= pad[2 * p] && pad[2 * p] <= pad[2 * p + 1] &&
+                pad[2 * p + 1] <= prompt_len, "starts / padding: out of range");
+}
+
 }  // namespace
 
 // scores[r, h, :Tp] = q[r, h] . prompt_keys[p(r), kv(h), t] * scaling + bias[p(r), t]
@@ -66,6 +75,7 @@ torch::Tensor cascade_scores(torch::Tensor q, torch::Tensor prompt_keys, torch::
   const int64_t per_kv = heads / kv_heads, chunks = dim / 8, width = prompt_len + own_len;
   TORCH_CHECK(dim % 8 == 0 && dim / 8 <= kMaxChunks && own_keys.stride(3) == 1 &&
               own_keys.size(0) == rows && starts.numel() == prompts + 1 &&
+              bias.size(0) == prompts && bias.size(1) == prompt_len &&
               padding.numel() == 2 * prompts, "cascade_scores: shapes");
   auto scores = torch::empty({rows, heads, width}, q.options());
   const float* qd = q.data_ptr<float>();
@@ -74,6 +84,7 @@ torch::Tensor cascade_scores(torch::Tensor q, torch::Tensor prompt_keys, torch::
   const float* od = own_keys.data_ptr<float>();
   const int64_t* st = starts.data_ptr<int64_t>();
   const int64_t* pad = padding.data_ptr<int64_t>();
+  check_rows(st, pad, prompts, rows, prompt_len);
   float* sd = scores.data_ptr<float>();
   const float sc = static_cast<float>(scaling);
   for (int64_t p = 0; p < prompts; ++p) {
@@ -159,6 +170,7 @@ torch::Tensor cascade_values(torch::Tensor weights, torch::Tensor prompt_values,
   const float* od = own_values.data_ptr<float>();
   const int64_t* st = starts.data_ptr<int64_t>();
   const int64_t* pad = padding.data_ptr<int64_t>();
+  check_rows(st, pad, prompts, rows, prompt_len);
   float* outd = out.data_ptr<float>();
   const int64_t s0 = own_values.stride(0), s1 = own_values.stride(1), s2 = own_values.stride(2);
   vf8 acc[kQueries][kMaxChunks];
