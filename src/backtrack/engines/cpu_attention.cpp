@@ -42,14 +42,26 @@ void check(const torch::Tensor& t, int64_t dims, const char* name) {
               name, ": a float32 CPU tensor of ", dims, " dims expected");
 }
 
-// Rows of each prompt within [0, rows) and ascending; padding runs within the prompt.
-void check_rows(const int64_t* st, const int64_t* pad, int64_t prompts, int64_t rows,
-                int64_t prompt_len) {
-  TORCH_CHECK(st[0] == 0 && st[prompts] == rows, "starts: must span the rows");
-  for (int64_t p = 0; p < prompts; ++p)
-    TORCH_CHECK(st[p] <= st[p + 1] && 0 <= pad[2 * p] && pad[2 * p] <= pad[2 * p + 1] &&
-                pad[2 * p + 1] <= prompt_len, "starts / padding: out of range");
-}
+// Each prompt's rows [st[p], st[p + 1]) and padding run [pad[2p], pad[2p + 1]), as int64 and
+// checked against the batch: rows ascending over [0, rows), runs within the prompt.
+struct PromptRows {
+  torch::Tensor starts, padding;
+  const int64_t* st;
+  const int64_t* pad;
+  PromptRows(const torch::Tensor& starts_in, const torch::Tensor& padding_in, int64_t prompts,
+             int64_t rows, int64_t prompt_len)
+      : starts(starts_in.to(torch::kInt64).contiguous()),
+        padding(padding_in.to(torch::kInt64).contiguous()) {
+    TORCH_CHECK(starts.numel() == prompts + 1 && padding.numel() == 2 * prompts,
+                "starts / padding: one entry per prompt expected");
+    st = starts.data_ptr<int64_t>();
+    pad = padding.data_ptr<int64_t>();
+    TORCH_CHECK(st[0] == 0 && st[prompts] == rows, "starts: must span the rows");
+    for (int64_t p = 0; p < prompts; ++p)
+      TORCH_CHECK(st[p] <= st[p + 1] && 0 <= pad[2 * p] && pad[2 * p] <= pad[2 * p + 1] &&
+                  pad[2 * p + 1] <= prompt_len, "starts / padding: out of range");
+  }
+};
 
 }  // namespace
 
@@ -67,24 +79,21 @@ torch::Tensor cascade_scores(torch::Tensor q, torch::Tensor prompt_keys, torch::
     check(own, 2, "own_bias");
     TORCH_CHECK(own.size(0) == q.size(0) && own.size(1) <= own_keys.size(2), "own_bias: shape");
   }
-  starts = starts.to(torch::kInt64).contiguous();
-  padding = padding.to(torch::kInt64).contiguous();
   const int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t prompts = prompt_keys.size(0), kv_heads = prompt_keys.size(1);
   const int64_t prompt_len = prompt_keys.size(2), own_len = own_keys.size(2);
   const int64_t per_kv = heads / kv_heads, chunks = dim / 8, width = prompt_len + own_len;
   TORCH_CHECK(dim % 8 == 0 && dim / 8 <= kMaxChunks && own_keys.stride(3) == 1 &&
-              own_keys.size(0) == rows && starts.numel() == prompts + 1 &&
-              bias.size(0) == prompts && bias.size(1) == prompt_len &&
-              padding.numel() == 2 * prompts, "cascade_scores: shapes");
+              own_keys.size(0) == rows && bias.size(0) == prompts &&
+              bias.size(1) == prompt_len, "cascade_scores: shapes");
+  const PromptRows layout(starts, padding, prompts, rows, prompt_len);
+  const int64_t* st = layout.st;
+  const int64_t* pad = layout.pad;
   auto scores = torch::empty({rows, heads, width}, q.options());
   const float* qd = q.data_ptr<float>();
   const float* kd = prompt_keys.data_ptr<float>();
   const float* bd = bias.data_ptr<float>();
   const float* od = own_keys.data_ptr<float>();
-  const int64_t* st = starts.data_ptr<int64_t>();
-  const int64_t* pad = padding.data_ptr<int64_t>();
-  check_rows(st, pad, prompts, rows, prompt_len);
   float* sd = scores.data_ptr<float>();
   const float sc = static_cast<float>(scaling);
   for (int64_t p = 0; p < prompts; ++p) {
@@ -154,23 +163,20 @@ torch::Tensor cascade_values(torch::Tensor weights, torch::Tensor prompt_values,
   check(weights, 3, "weights"); check(prompt_values, 4, "prompt_values");
   check(own_values, 4, "own_values");
   weights = weights.contiguous(); prompt_values = prompt_values.contiguous();
-  starts = starts.to(torch::kInt64).contiguous();
-  padding = padding.to(torch::kInt64).contiguous();
   const int64_t rows = weights.size(0), heads = weights.size(1), width = weights.size(2);
   const int64_t prompts = prompt_values.size(0), kv_heads = prompt_values.size(1);
   const int64_t prompt_len = prompt_values.size(2), dim = prompt_values.size(3);
   const int64_t own_len = own_values.size(2), per_kv = heads / kv_heads, chunks = dim / 8;
   TORCH_CHECK(dim % 8 == 0 && chunks <= kMaxChunks && own_values.stride(3) == 1 &&
-              own_values.size(0) == rows && width == prompt_len + own_len &&
-              starts.numel() == prompts + 1 && padding.numel() == 2 * prompts,
+              own_values.size(0) == rows && width == prompt_len + own_len,
               "cascade_values: shapes");
+  const PromptRows layout(starts, padding, prompts, rows, prompt_len);
+  const int64_t* st = layout.st;
+  const int64_t* pad = layout.pad;
   auto out = torch::empty({rows, heads, dim}, weights.options());
   const float* wd = weights.data_ptr<float>();
   const float* vd = prompt_values.data_ptr<float>();
   const float* od = own_values.data_ptr<float>();
-  const int64_t* st = starts.data_ptr<int64_t>();
-  const int64_t* pad = padding.data_ptr<int64_t>();
-  check_rows(st, pad, prompts, rows, prompt_len);
   float* outd = out.data_ptr<float>();
   const int64_t s0 = own_values.stride(0), s1 = own_values.stride(1), s2 = own_values.stride(2);
   vf8 acc[kQueries][kMaxChunks];

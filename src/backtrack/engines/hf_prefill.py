@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from transformers.cache_utils import DynamicLayer
 
+from backtrack.engines.hf_decode import DecodeBuffers
+
 # Fewer leading tokens than this in common: `prompt_prefill` runs the prompts whole.
 MIN_COMMON_START = 4
 
@@ -63,8 +65,9 @@ def prefill_in_chunks(model, input_ids, mask, positions, rows_per_chunk: int, ch
             return cache
         if first_cache is None:
             first_cache = cache
-            full = [tuple(_assembled(buffers, (index, part), (rows, t.shape[1], lead + width,
-                                                              t.shape[3]), t)
+            take = (buffers or DecodeBuffers(keep=False)).take
+            full = [tuple(take(("prefill", index, part), (rows, t.shape[1], lead + width,
+                                                          t.shape[3]), t)
                           for part, t in (("keys", layer.keys), ("values", layer.values)))
                     for index, layer in enumerate(cache.layers)]
         for (keys, values), layer in zip(full, cache.layers):
@@ -76,12 +79,6 @@ def prefill_in_chunks(model, input_ids, mask, positions, rows_per_chunk: int, ch
     for layer, (keys, values) in zip(first_cache.layers, full):
         layer.keys, layer.values = keys, values
     return first_cache
-
-
-def _assembled(buffers, name, shape, like):
-    if buffers is None:
-        return like.new_empty(shape)
-    return buffers.take(("prefill",) + name, shape, like)
 
 
 def prompt_prefill(model, input_ids, mask, positions, share_start: bool = False, buffers=None):
