@@ -41,16 +41,17 @@ def instrument(engine, totals: Counter) -> None:
     import torch
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from backtrack.engines import hf_decode, hf_prefix
+    from backtrack.engines import hf_decode, hf_prefix, hf_step
 
     phase = ["other"]
     engine._prefill = timed(totals, "prompt prefill", engine._prefill, phase, "prefill")
-    step = hf_decode.shared_prefix_step
-    hf_decode.shared_prefix_step = lambda model: timed(totals, "decode steps", step(model), phase,
-                                                       "decode")
+    step = hf_step.shared_prefix_step
+    hf_step.shared_prefix_step = lambda model: timed(totals, "decode steps", step(model), phase,
+                                                     "decode")
     hf_decode.sample_tokens = timed(totals, "sampling", hf_decode.sample_tokens)
-    ALL_ATTENTION_FUNCTIONS._global_mapping[hf_prefix.NAME] = timed(
-        totals, "  attention in {phase}", hf_prefix.shared_prefix_attention, phase)
+    attention = timed(totals, "  attention in {phase}", hf_prefix.shared_prefix_attention, phase)
+    ALL_ATTENTION_FUNCTIONS._global_mapping[hf_prefix.NAME] = attention
+    hf_step.shared_prefix_attention = attention  # the decode step's own call
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
     ALL_ATTENTION_FUNCTIONS._global_mapping["sdpa"] = timed(totals, "  attention in {phase}",
                                                             sdpa, phase)

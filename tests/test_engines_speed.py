@@ -257,21 +257,28 @@ def test_shared_prefix_gives_the_tokens_of_n_prompt_copies(engines):
     assert shared.model.config._attn_implementation == own
 
 
-def test_shared_prefix_step_gives_the_models_logits_bit_for_bit(engines):
-    """Decode steps through the model's own layers (no mask building, no output bookkeeping)
-    give exactly the full forward's logits, over three steps of 8 rows on a shared prefix
-    (4 prompts, one left-padded), each step writing the per-row cache once."""
+@pytest.mark.parametrize("plain", [True, False])
+def test_shared_prefix_step_gives_the_models_logits_bit_for_bit(engines, monkeypatch, plain):
+    """Decode steps through the model's own modules (no mask building, no output bookkeeping;
+    with `plain`, the decoder layers' arithmetic run by `hf_step` around their norms,
+    projections and MLPs, else the layers called whole) give exactly the full forward's
+    logits, over three steps of 8 rows on a shared prefix (4 prompts, one left-padded), each
+    step writing the per-row cache once."""
     from types import SimpleNamespace
 
     import torch
     from transformers import DynamicCache
 
-    from backtrack.engines.hf_decode import PreallocatedLayer, shared_prefix_step
+    from backtrack.engines import hf_step
+    from backtrack.engines.hf_decode import PreallocatedLayer
     from backtrack.engines.hf_prefill import own_tokens_cache
     from backtrack.engines.hf_prefix import SharedPrefix, register
 
     model = engines().model
-    step = shared_prefix_step(model)
+    assert hf_step.plain_decoder_layers(model.model.layers)  # a Llama's
+    if not plain:
+        monkeypatch.setattr(hf_step, "plain_decoder_layers", lambda layers: False)
+    step = hf_step.shared_prefix_step(model)
     assert step is not None  # a Llama
     ids = torch.randint(3, model.config.vocab_size, (4, 6),
                         generator=torch.Generator().manual_seed(0))
@@ -300,7 +307,31 @@ def test_shared_prefix_step_gives_the_models_logits_bit_for_bit(engines):
     finally:
         model.set_attn_implementation(own)
     other = SimpleNamespace(config=SimpleNamespace(model_type="gpt2"), model=model.model)
-    assert shared_prefix_step(other) is None  # another layout keeps the model's forward
+    assert hf_step.shared_prefix_step(other) is None  # another layout keeps the model's forward
+
+
+def test_decoder_layers_with_more_than_the_llama_parts_are_called_whole(engines):
+    """The step runs a layer's arithmetic itself only for the plain Llama form: a Qwen3 layer
+    (q_norm / k_norm in its attention), a hooked one or one with LoRA linears is called whole,
+    so its extra parts, the hooks and the adapters still run."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from backtrack.engines.hf_step import plain_decoder_layers
+
+    layers = engines().model.model.layers
+    assert plain_decoder_layers(layers)
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=1, head_dim=8))
+    assert not plain_decoder_layers(qwen3.model.layers)
+    for module in (layers[0].self_attn, layers[1].mlp.down_proj):
+        handle = module.register_forward_hook(lambda *args: None)
+        assert not plain_decoder_layers(layers)
+        handle.remove()
+    assert plain_decoder_layers(layers)
+    lora = get_peft_model(engines().model, LoraConfig(r=2, target_modules=["v_proj"]))
+    assert not plain_decoder_layers(lora.base_model.model.model.layers)
 
 
 def test_compile_with_shared_prefix_compiles_the_decode_step_once(engines, monkeypatch):

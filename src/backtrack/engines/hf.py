@@ -14,7 +14,7 @@ its cache (`hf_decode`): other tokens for a seed than `generate`'s, same distrib
 `shared_prefix` (with `decode: compact`) keeps each prompt's cached keys and values once for
 its n samples instead of n copies (`hf_prefix`), and prefills the tokens all prompts of a call
 start with once (`hf_prefill.common_start`): the same attention, summed in another order;
-with it, `compile` compiles that decode step (`hf_decode.compiled_step`), and
+with it, `compile` compiles that decode step (`hf_step.compiled_step`), and
 `group_prefixes` holds the leading tokens n = 1 prompts share once (`hf_prefix.prefix_groups`):
 greedy, the same tokens; sampled, other draws (another batching order), same distribution.
 `cpu_kernel` (with `shared_prefix`) runs that decode attention in C++ (`cpu_attention`).
@@ -56,7 +56,7 @@ class HFEngine(Engine):
     transformers' CompileConfig off CUDA too (on CUDA transformers already compiles a static-
     cache decode); it pays about a minute per process on the toy model. With `decode: compact`
     and `shared_prefix` it compiles the shared-prefix decode step instead
-    (`hf_decode.compiled_step`, once per engine; n = 1 calls keep the model's forward unless
+    (`hf_step.compiled_step`, once per engine; n = 1 calls keep the model's forward unless
     `group_prefixes` gives them a shared prefix too).
     `shared_prefix` (`decode: compact` only) holds a prompt's KV cache once for its n samples
     (`hf_prefix`). `group_prefixes` (with `shared_prefix`) does the same across n = 1 prompts
@@ -289,7 +289,7 @@ class HFEngine(Engine):
     def _decode_step(self):
         """The compiled shared-prefix decode step with `compile` (compiled on first use and
         kept: a new torch.compile wrapper would compile again), else None (the plain one)."""
-        from backtrack.engines.hf_decode import compiled_step
+        from backtrack.engines.hf_step import compiled_step
 
         if self.compile and self._compiled_step is None:
             self._compiled_step = compiled_step(self.model)

@@ -182,52 +182,6 @@ def multinomial_one_cpu(probs, generator):
     return race.argmax(-1)
 
 
-# Model types whose forward is embed -> rotary -> layers(hidden, mask, position embeddings, cache)
-# -> norm -> lm_head, with nothing else per step (transformers' modeling_llama and its copies).
-LLAMA_LAYOUT = ("llama", "mistral", "qwen2", "qwen3")
-
-
-def shared_prefix_step(model):
-    """One decode step's last-position logits through the model's own modules, or None when
-    the model's forward is not the Llama layout.
-
-    The model's forward adds per step: building a 4D mask, which the shared-prefix attention
-    does not read at decode (its rows' own tokens are never padding), and transformers' output
-    bookkeeping (`check_model_inputs`, output capture). Skipping them gives the same logits,
-    bit for bit (tests/test_engines_speed.py), 0.3-0.7 ms sooner per step on the toy model
-    (5 % of a step at 128 rows, 10-30 % at 8). No transformers API runs layers without them."""
-    inner = getattr(model, "model", None)
-    if (getattr(model.config, "model_type", None) not in LLAMA_LAYOUT or inner is None
-            or not all(hasattr(inner, name) for name in ("embed_tokens", "rotary_emb", "layers",
-                                                         "norm"))):
-        return None
-    layers = inner.layers[:model.config.num_hidden_layers]
-
-    def step(input_ids, position_ids, cache, prefix):
-        hidden = inner.embed_tokens(input_ids)
-        position_embeddings = inner.rotary_emb(hidden, position_ids=position_ids)
-        for layer in layers:
-            hidden = layer(hidden, attention_mask=None, position_embeddings=position_embeddings,
-                           position_ids=position_ids, past_key_values=cache, use_cache=True,
-                           shared_prefix=prefix)
-        return model.lm_head(inner.norm(hidden[:, -1, :]))
-    return step
-
-
-def compiled_step(model):
-    """`shared_prefix_step` compiled by torch.compile (inductor) with dynamic shapes, or None.
-
-    Inductor fuses the step's elementwise work (norms, rotary, SiLU, residuals, the cascade
-    attention's softmax) around the matmuls; the rows, the prompts and the filled cache length
-    change from step to step, hence dynamic shapes: three graphs on the toy model, ~80 s to
-    compile in a fresh process (~20 s with inductor's disk cache warm), then 1.2x the
-    uncompiled step at batch 128 on a CPU (README)."""
-    import torch
-
-    step = shared_prefix_step(model)
-    return None if step is None else torch.compile(step, dynamic=True)
-
-
 # `compact_decode` drops finished rows once 1 / DEAD_SHARE of its batch has finished.
 DEAD_SHARE = 8
 
@@ -258,7 +212,8 @@ def compact_decode(model, input_ids, mask, cache, max_new_tokens: int, eos_ids: 
     prompts' tokens but the last are held there once per prompt instead, `cache` is None, and
     the model must run `hf_prefix`'s attention. Rows leave the batch when they emit an EOS id
     or reach `max_new_tokens`. `buffers` holds the cache memory (kept between calls). `step`
-    replaces `shared_prefix_step(model)` as the decode step with `prefix` (`compiled_step`).
+    replaces `hf_step.shared_prefix_step(model)` as the decode step with `prefix`
+    (`hf_step.compiled_step`).
     With `positions` (their position ids), `prefix` holds only the rows' leading tokens and
     `input_ids` / `mask` are the rest, left-padded: all but the last run into the rows' own
     cache first (`hf_prefix.prefix_groups`)."""
@@ -267,6 +222,7 @@ def compact_decode(model, input_ids, mask, cache, max_new_tokens: int, eos_ids: 
 
     from backtrack.engines.hf_prefill import (own_prefill_in_chunks, own_tokens_cache,
                                               prompt_prefill)
+    from backtrack.engines.hf_step import shared_prefix_step
 
     own_prefill = positions is not None and input_ids.shape[1] > 1
     if positions is None:
