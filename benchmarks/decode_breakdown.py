@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections import Counter
+from types import SimpleNamespace
 
 from sampling import toy_model_path  # noqa: E402  (benchmarks/ is the script's folder)
 
@@ -51,7 +52,12 @@ def instrument(engine, totals: Counter) -> None:
     hf_decode.sample_tokens = timed(totals, "sampling", hf_decode.sample_tokens)
     attention = timed(totals, "  attention in {phase}", hf_prefix.shared_prefix_attention, phase)
     ALL_ATTENTION_FUNCTIONS._global_mapping[hf_prefix.NAME] = attention
-    hf_step.shared_prefix_attention = attention  # the decode step's own call
+    # the decode step's own calls (`hf_step.PlainLayer`): attention, and linears by F.linear
+    hf_step.shared_prefix_attention = attention
+    hf_step.cascade_attention = timed(totals, "  attention in {phase}", hf_step.cascade_attention,
+                                      phase)
+    hf_step.F = SimpleNamespace(**{name: getattr(hf_step.F, name) for name in dir(hf_step.F)})
+    hf_step.F.linear = timed(totals, "  linears in {phase}", torch.nn.functional.linear, phase)
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
     ALL_ATTENTION_FUNCTIONS._global_mapping["sdpa"] = timed(totals, "  attention in {phase}",
                                                             sdpa, phase)
@@ -71,6 +77,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--torch-attention", action="store_true",
                         help="decode attention by torch's matmuls, not the recipe's cpu_kernel")
+    parser.add_argument("--kv-cache-dtype", default="float16",
+                        help="the kernel's keys and values (the recipe's float16, or auto)")
     args = parser.parse_args()
 
     from backtrack.chat import render_prompt
@@ -80,7 +88,8 @@ def main() -> None:
     path = toy_model_path(args.output_dir) if args.model == "toy" else args.model
     engine = make_engine("hf", path, batch_size=args.problems * args.k, num_threads=args.threads,
                          cache="dynamic", decode="compact", shared_prefix=True,
-                         cpu_kernel=not args.torch_attention)
+                         cpu_kernel=not args.torch_attention,
+                         kv_cache_dtype=None if args.torch_attention else args.kv_cache_dtype)
     task = get_task("arith", {})
     prompts = [render_prompt(engine.tokenizer, task.messages(p))
                for p in task.problems("train", args.problems)]

@@ -55,6 +55,11 @@ LEVERS = {
     # the untimed first call when not cached)
     "compact+shared_prefix+cpu_kernel": {"cache": "dynamic", "decode": "compact",
                                          "shared_prefix": True, "cpu_kernel": True},
+    # ... with the decode's keys and values held as float16 (half the memory the kernel
+    # reads; rounded keys and values, so it reports how many sequences are the same)
+    "compact+shared_prefix+cpu_kernel+float16_kv": {"cache": "dynamic", "decode": "compact",
+                                                    "shared_prefix": True, "cpu_kernel": True,
+                                                    "kv_cache_dtype": "float16"},
     # bf16 weights (fast where the CPU has bf16 instructions, e.g. AVX512_BF16); its share is
     # also given of its own bound, at the bf16 matmul rate (`share_of_own_bound`)
     "compact+shared_prefix+bf16": {"cache": "dynamic", "decode": "compact",
@@ -310,12 +315,15 @@ def bench_levers(name: str, args) -> dict:
         lever["vs_baseline"] = round(lever["tokens_per_s"] / baseline["tokens_per_s"], 2)
         lever["vs_baseline_cpu"] = round(lever["tokens_per_cpu_s"] / baseline["tokens_per_cpu_s"], 2)
     newest_former = "shared_prefix_whole_prompts"  # the tokens of every older former lever
-    same_as = {"shared_prefix_module_layers": "compact+shared_prefix+cpu_kernel"}
-    for other in FORMER | {"compact+shared_prefix+compile", "compact+shared_prefix+cpu_kernel"}:
+    same_as = {"shared_prefix_module_layers": "compact+shared_prefix+cpu_kernel",
+               "compact+shared_prefix+cpu_kernel+float16_kv": "compact+shared_prefix+cpu_kernel"}
+    for other in FORMER | {"compact+shared_prefix+compile", *same_as}:
         reference = same_as.get(other, newest_former if other in FORMER
                                 and newest_former in first_ids else "compact+shared_prefix")
         if other != reference and {other, reference} <= set(first_ids):
+            pairs = list(zip(first_ids[other], first_ids[reference]))
             levers[other]["same_tokens"] = first_ids[other] == first_ids[reference]
+            levers[other]["same_sequences"] = sum(a == b for a, b in pairs)
             levers[other]["same_tokens_as"] = reference
     return {"model": name, "path": path, "batch": rows, "threads": torch.get_num_threads(),
             "max_new_tokens": args.lever_max_new_tokens, "repeats": args.repeats,
@@ -376,8 +384,8 @@ def print_levers(r: dict) -> None:
               f"of bound ({x['vs_baseline']:.2f}x baseline); {x['tokens_per_cpu_s']:>8,.0f} "
               f"tok/CPU-s = {100 * x['share_of_bound_cpu']:5.1f}% ({x['vs_baseline_cpu']:.2f}x); "
               f"occupancy {x['occupancy']:.2f}; first call {x['first_call_s']} s"
-              + (f"; same tokens as {x['same_tokens_as']}: {x['same_tokens']}"
-                 if "same_tokens" in x else "")
+              + (f"; same tokens as {x['same_tokens_as']}: {x['same_tokens']} "
+                 f"({x['same_sequences']} sequences the same)" if "same_tokens" in x else "")
               + (f"; {100 * x['share_of_own_bound']:.1f}% of its own bound "
                  f"({x['own_bound_tokens_per_s']:,.0f} tok/s)" if "share_of_own_bound" in x
                  else ""),

@@ -1,8 +1,8 @@
 """The hf engine's `cpu_kernel`: the C++ decode attention gives torch's attention (up to float
 summation order) for full and thinned batches, grouped-query heads, strided own caches and
-padded own tokens, and its token-major cache keeps rows in place; the engine gives the same tokens
-with it; where it cannot build, the engine warns and decodes with torch. Also the CPU
-engine's memory setting (`hold_freed_memory`): freed memory is reused without page faults."""
+padded own tokens, float16 keys and values, and its token-major cache keeps rows in place; the
+engine gives the same tokens with it; where it cannot build, the engine warns and decodes with
+torch. Also the CPU engine's memory setting (`hold_freed_memory`): freed memory is reused without page faults."""
 
 from __future__ import annotations
 
@@ -137,6 +137,31 @@ def test_kernel_refuses_inconsistent_inputs_instead_of_reading_past_them(kernels
             kernels.cascade_scores(q, keys, bad[0], bad[1], own, bad[2], 0.3)
 
 
+def test_kernel_reads_float16_keys_and_values_as_the_floats_they_round_to(kernels):
+    """`kv_cache_dtype: float16`: prompt and own keys and values stored as float16, the kernel
+    gives torch's attention over those values widened to float32."""
+    import torch
+
+    prefix = _prefix(3, 2, 2, 7, 16, torch.Generator().manual_seed(5))
+    rounded = _prefix(3, 2, 2, 7, 16, torch.Generator().manual_seed(5))
+    rounded.keys = [keys.half().float() for keys in rounded.keys]
+    rounded.values = [values.half().float() for values in rounded.values]
+    generator = torch.Generator().manual_seed(6)
+    query = torch.randn(6, 4, 1, 16, generator=generator)
+    own = torch.randn(5, 6, 2, 16, generator=generator).half().permute(1, 2, 0, 3)
+    expected = _attend(rounded, 1, query, own.float(), -own.float(), None)
+    prefix.kernels, prefix.kv_dtype = kernels, torch.float16
+    prefix.store_for_decode()
+    assert prefix.keys[1].dtype == prefix.values[1].dtype == torch.float16
+    got = _attend(prefix, 1, query, own, -own, kernels)
+    assert torch.allclose(got, expected, rtol=0, atol=2e-6)
+    float32 = _attend(_prefix(3, 2, 2, 7, 16, torch.Generator().manual_seed(5)), 1, query,
+                      own.float(), -own.float(), None)
+    assert not torch.equal(got, float32)  # the prompts' rounding shows
+    with pytest.raises(RuntimeError, match="keys: a Half CPU tensor"):  # one dtype for both
+        _attend(prefix, 1, query, own.float(), -own.float(), kernels)
+
+
 def test_token_major_cache_appends_slabs_and_keeps_rows_in_place(kernels):
     """The kernel's own-token cache: every view holds what was written (as [rows, heads,
     tokens, dim]), in one kept buffer that never moves; dropping rows moves the kept ones to
@@ -230,6 +255,25 @@ def test_engine_gives_the_same_tokens_with_the_kernel(kernels, engines):
     params = dict(n=1, temperature=1.0, max_new_tokens=10, seed=2)
     assert (_completions(grouped[0], continuations, **params)
             == _completions(grouped[1], continuations, **params))
+
+
+def test_float16_kv_cache_holds_the_decodes_keys_and_values_as_float16(kernels, engines):
+    import torch
+
+    from backtrack.chat import render_prompt
+
+    engine = engines(cpu_kernel=True, kv_cache_dtype="float16")
+    assert engine.describe()["kv_cache_dtype"] == "float16"
+    assert engines(cpu_kernel=True).describe()["kv_cache_dtype"] == "float32"
+    prompts = [render_prompt(engine.tokenizer, [{"role": "user", "content": q}])
+               for q in ("Tom has 3 apples.", "Ben has 5 pens.")]
+    got = _completions(engine, prompts, n=3, temperature=1.0, max_new_tokens=6)
+    assert [len(row) for row in got] == [3, 3] and all(ids for row in got for ids in row)
+    own = [t for name, t in engine.buffers._storage.items() if name[-1] == "tokens"]
+    assert own and all(t.dtype == torch.float16 for t in own)  # the rows' own cache
+    for options in ({"kv_cache_dtype": "float16"}, {"cpu_kernel": True, "kv_cache_dtype": "int8"}):
+        with pytest.raises(UserError, match="option 'kv_cache_dtype'"):
+            engines(**options)
 
 
 def test_without_a_compiler_the_engine_warns_and_decodes_with_torch(engines, monkeypatch):

@@ -25,7 +25,8 @@ def test_eval_writes_records_and_metrics_and_resumes(tmp_path, tiny_model_dir, m
         assert metrics["ks"] == [1, 2, 4]
         assert {"pass@4", "maj@4", "backtracks_per_answer", "delta_i2c"} <= set(metrics["metrics"])
         engine = json.loads((folder / "run.json").read_text())["engine"]
-        assert engine == {"device": "cpu", "dtype": "float32", "cpu_kernel": False}
+        assert engine == {"device": "cpu", "dtype": "float32", "cpu_kernel": False,
+                          "kv_cache_dtype": "float32"}
         rows = [json.loads(line) for f in folder.glob("records-*.jsonl")
                 for line in f.read_text().splitlines()]
         assert len(rows) == 12 and all(r["new_tokens"] >= 1 and r["arm"] == arm for r in rows)

@@ -57,7 +57,7 @@ def test_sample_writes_checked_records(tiny_model_dir, tmp_path, one_thread):
     saved = json.loads((tmp_path / "samples" / "summary.json").read_text())
     assert saved["problems"] == 5 and saved["samples"] == 15 == summary["samples"]
     assert saved["this_run"]["engine"] == {"device": "cpu", "dtype": "float32",
-                                           "cpu_kernel": False}  # what the engine settled on
+                                           "cpu_kernel": False, "kv_cache_dtype": "float32"}
     assert saved["accuracy"] == round(sum(r["correct"] for r in records) / 15, 4)
     assert json.loads((tmp_path / "samples" / "run.json").read_text())["stage"] == "sample"
     # A re-run finds everything done and appends nothing; a larger k adds only new indices.

@@ -13,12 +13,27 @@
 
 #include <algorithm>
 #include <cstring>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
 typedef float vf8 __attribute__((vector_size(32)));
 
 inline vf8 load8(const float* p) { vf8 v; std::memcpy(&v, p, sizeof(v)); return v; }
+// Keys and values may be stored as float16 (`kv_cache_dtype`): 8 of them widened to floats, by
+// F16C's vcvtph2ps where the CPU has it (GCC 12 converts a _Float16 vector element by element).
+inline vf8 load8(const at::Half* p) {
+#if defined(__F16C__)
+  const __m256 wide = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  vf8 v; std::memcpy(&v, &wide, sizeof(v)); return v;
+#else
+  vf8 v;
+  for (int i = 0; i < 8; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+#endif
+}
 inline void store8(float* p, vf8 v) { std::memcpy(p, &v, sizeof(v)); }
 inline float sum8(vf8 v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
@@ -37,9 +52,19 @@ struct Queries {
   }
 };
 
-void check(const torch::Tensor& t, int64_t dims, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.dim() == dims,
-              name, ": a float32 CPU tensor of ", dims, " dims expected");
+void check(const torch::Tensor& t, int64_t dims, const char* name,
+           torch::ScalarType dtype = torch::kFloat32) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == dims,
+              name, ": a ", c10::toString(dtype), " CPU tensor of ", dims, " dims expected");
+}
+
+// Keys and values: float32, or float16 for both the prompts' and the rows' own.
+void check_kv(const torch::Tensor& prompt, const torch::Tensor& own, const char* name) {
+  const auto dtype = prompt.scalar_type();
+  TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kHalf, name,
+              ": float32 or float16 keys and values expected");
+  check(prompt, 4, name, dtype);
+  check(own, 4, name, dtype);  // the same dtype as the prompts'
 }
 
 // Each prompt's rows [st[p], st[p + 1]) and padding run [pad[2p], pad[2p + 1]), as int64 and
@@ -68,11 +93,10 @@ struct PromptRows {
 // scores[r, h, :Tp] = q[r, h] . prompt_keys[p(r), kv(h), t] * scaling + bias[p(r), t]
 // scores[r, h, Tp:] = q[r, h] . own_keys[r, kv(h), t] * scaling (+ own_bias[r, t] over its
 // first columns: padding among a row's first own tokens, `hf_prefix.SharedPrefix.mask_own`)
-torch::Tensor cascade_scores(torch::Tensor q, torch::Tensor prompt_keys, torch::Tensor bias,
-                             torch::Tensor padding, torch::Tensor own_keys, torch::Tensor starts,
-                             double scaling, c10::optional<torch::Tensor> own_bias) {
-  check(q, 3, "q"); check(prompt_keys, 4, "prompt_keys"); check(bias, 2, "bias");
-  check(own_keys, 4, "own_keys");
+template <typename KV>
+torch::Tensor scores_of(torch::Tensor q, torch::Tensor prompt_keys, torch::Tensor bias,
+                        torch::Tensor padding, torch::Tensor own_keys, torch::Tensor starts,
+                        double scaling, c10::optional<torch::Tensor> own_bias) {
   q = q.contiguous(); prompt_keys = prompt_keys.contiguous(); bias = bias.contiguous();
   torch::Tensor own = own_bias.has_value() ? own_bias->contiguous() : torch::Tensor();
   if (own.defined()) {
@@ -91,15 +115,15 @@ torch::Tensor cascade_scores(torch::Tensor q, torch::Tensor prompt_keys, torch::
   const int64_t* pad = layout.pad;
   auto scores = torch::empty({rows, heads, width}, q.options());
   const float* qd = q.data_ptr<float>();
-  const float* kd = prompt_keys.data_ptr<float>();
+  const KV* kd = prompt_keys.data_ptr<KV>();
   const float* bd = bias.data_ptr<float>();
-  const float* od = own_keys.data_ptr<float>();
+  const KV* od = own_keys.data_ptr<KV>();
   float* sd = scores.data_ptr<float>();
   const float sc = static_cast<float>(scaling);
   for (int64_t p = 0; p < prompts; ++p) {
     const Queries queries{st[p] * per_kv, (st[p + 1] - st[p]) * per_kv, per_kv};
     for (int64_t kh = 0; kh < kv_heads; ++kh) {
-      const float* keys = kd + (p * kv_heads + kh) * prompt_len * dim;
+      const KV* keys = kd + (p * kv_heads + kh) * prompt_len * dim;
       const float* b = bd + p * prompt_len;
       for (int64_t i0 = 0; i0 < queries.count; i0 += kQueries) {
         const int64_t m = std::min(kQueries, queries.count - i0);
@@ -116,7 +140,7 @@ torch::Tensor cascade_scores(torch::Tensor q, torch::Tensor prompt_keys, torch::
         for (int64_t t = 0; t < prompt_len; ++t) {
           if (t == pad[2 * p]) t = std::max(t, pad[2 * p + 1]);
           if (t == prompt_len) break;
-          const float* k = keys + t * dim;
+          const KV* k = keys + t * dim;
           vf8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
           for (int64_t c = 0; c < chunks; ++c) {
             const vf8 kv = load8(k + 8 * c);
@@ -135,7 +159,7 @@ torch::Tensor cascade_scores(torch::Tensor q, torch::Tensor prompt_keys, torch::
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t h = 0; h < heads; ++h) {
         const float* qq = qd + (r * heads + h) * dim;
-        const float* keys = od + r * s0 + (h / per_kv) * s1;
+        const KV* keys = od + r * s0 + (h / per_kv) * s1;
         float* out = sd + (r * heads + h) * width + prompt_len;
         for (int64_t t = t0; t < std::min(own_len, t0 + kTokens); ++t) {
           vf8 a = {};
@@ -155,13 +179,21 @@ torch::Tensor cascade_scores(torch::Tensor q, torch::Tensor prompt_keys, torch::
   return scores;
 }
 
+torch::Tensor cascade_scores(torch::Tensor q, torch::Tensor prompt_keys, torch::Tensor bias,
+                             torch::Tensor padding, torch::Tensor own_keys, torch::Tensor starts,
+                             double scaling, c10::optional<torch::Tensor> own_bias) {
+  check(q, 3, "q"); check(bias, 2, "bias"); check_kv(prompt_keys, own_keys, "keys");
+  if (prompt_keys.scalar_type() == torch::kHalf)
+    return scores_of<at::Half>(q, prompt_keys, bias, padding, own_keys, starts, scaling,
+                               own_bias);
+  return scores_of<float>(q, prompt_keys, bias, padding, own_keys, starts, scaling, own_bias);
+}
+
 // out[r, h] = sum_t w[r, h, t] prompt_values[p(r), kv(h), t]
 //           + sum_t w[r, h, Tp + t] own_values[r, kv(h), t]
-torch::Tensor cascade_values(torch::Tensor weights, torch::Tensor prompt_values,
-                             torch::Tensor padding, torch::Tensor own_values,
-                             torch::Tensor starts) {
-  check(weights, 3, "weights"); check(prompt_values, 4, "prompt_values");
-  check(own_values, 4, "own_values");
+template <typename KV>
+torch::Tensor values_of(torch::Tensor weights, torch::Tensor prompt_values,
+                        torch::Tensor padding, torch::Tensor own_values, torch::Tensor starts) {
   weights = weights.contiguous(); prompt_values = prompt_values.contiguous();
   const int64_t rows = weights.size(0), heads = weights.size(1), width = weights.size(2);
   const int64_t prompts = prompt_values.size(0), kv_heads = prompt_values.size(1);
@@ -175,15 +207,15 @@ torch::Tensor cascade_values(torch::Tensor weights, torch::Tensor prompt_values,
   const int64_t* pad = layout.pad;
   auto out = torch::empty({rows, heads, dim}, weights.options());
   const float* wd = weights.data_ptr<float>();
-  const float* vd = prompt_values.data_ptr<float>();
-  const float* od = own_values.data_ptr<float>();
+  const KV* vd = prompt_values.data_ptr<KV>();
+  const KV* od = own_values.data_ptr<KV>();
   float* outd = out.data_ptr<float>();
   const int64_t s0 = own_values.stride(0), s1 = own_values.stride(1), s2 = own_values.stride(2);
   vf8 acc[kQueries][kMaxChunks];
   for (int64_t p = 0; p < prompts; ++p) {
     const Queries queries{st[p] * per_kv, (st[p + 1] - st[p]) * per_kv, per_kv};
     for (int64_t kh = 0; kh < kv_heads; ++kh) {
-      const float* values = vd + (p * kv_heads + kh) * prompt_len * dim;
+      const KV* values = vd + (p * kv_heads + kh) * prompt_len * dim;
       for (int64_t i0 = 0; i0 < queries.count; i0 += kQueries) {
         const int64_t m = std::min(kQueries, queries.count - i0);
         const float* ws[kQueries];
@@ -198,7 +230,7 @@ torch::Tensor cascade_values(torch::Tensor weights, torch::Tensor prompt_values,
         for (int64_t t = 0; t < prompt_len; ++t) {
           if (t == pad[2 * p]) t = std::max(t, pad[2 * p + 1]);
           if (t == prompt_len) break;
-          const float* v = values + t * dim;
+          const KV* v = values + t * dim;
           const float w0 = ws[0][t], w1 = ws[1][t], w2 = ws[2][t], w3 = ws[3][t];
           for (int64_t c = 0; c < chunks; ++c) {
             const vf8 vv = load8(v + 8 * c);
@@ -218,7 +250,7 @@ torch::Tensor cascade_values(torch::Tensor weights, torch::Tensor prompt_values,
         float* o = outd + (r * heads + h) * dim;
         for (int64_t c = 0; c < chunks; ++c) acc[0][c] = load8(o + 8 * c);
         for (int64_t t = t0; t < std::min(own_len, t0 + kTokens); ++t) {
-          const float* v = od + r * s0 + (h / per_kv) * s1 + t * s2;
+          const KV* v = od + r * s0 + (h / per_kv) * s1 + t * s2;
           for (int64_t c = 0; c < chunks; ++c) acc[0][c] += w[t] * load8(v + 8 * c);
         }
         for (int64_t c = 0; c < chunks; ++c) store8(o + 8 * c, acc[0][c]);
@@ -226,6 +258,15 @@ torch::Tensor cascade_values(torch::Tensor weights, torch::Tensor prompt_values,
     }
   }
   return out;
+}
+
+torch::Tensor cascade_values(torch::Tensor weights, torch::Tensor prompt_values,
+                             torch::Tensor padding, torch::Tensor own_values,
+                             torch::Tensor starts) {
+  check(weights, 3, "weights"); check_kv(prompt_values, own_values, "values");
+  if (prompt_values.scalar_type() == torch::kHalf)
+    return values_of<at::Half>(weights, prompt_values, padding, own_values, starts);
+  return values_of<float>(weights, prompt_values, padding, own_values, starts);
 }
 
 // Rows `kept` (ascending) of a token-major [room, rows, heads, dim] buffer (`TokenMajorLayer`)

@@ -119,13 +119,15 @@ class TokenMajorLayer(DynamicLayer):
     token's keys for all rows at once. `keys` / `values` are [rows, kv heads, tokens, dim]
     views, as transformers expects; only the kernel reads them (torch's matmuls would copy)."""
 
-    def __init__(self, layer: DynamicLayer, capacity: int, buffers, index: int, compact_rows):
+    def __init__(self, layer: DynamicLayer, capacity: int, buffers, index: int, compact_rows,
+                 dtype=None):
         super().__init__()
         keys, values = layer.keys, layer.values
         rows, heads, length, dim = keys.shape
-        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        like = keys if dtype is None else keys.new_empty((), dtype=dtype)
+        self.dtype, self.device, self.is_initialized = like.dtype, keys.device, True
         shape = (max(capacity, length), rows, heads, dim)
-        self._keys, self._values = (buffers.take((index, part, "tokens"), shape, keys)
+        self._keys, self._values = (buffers.take((index, part, "tokens"), shape, like)
                                     for part in ("keys", "values"))
         self._keys[:length] = keys.permute(2, 0, 1, 3)
         self._values[:length] = values.permute(2, 0, 1, 3)

@@ -29,6 +29,7 @@ from backtrack.errors import UserError
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 DECODERS = ("generate", "compact")
+KV_CACHE_DTYPES = (None, "auto", "float16")
 
 
 def load_model_and_tokenizer(model_path: str, device: str, dtype: str | None):
@@ -67,14 +68,18 @@ class HFEngine(Engine):
     glibc to keep freed memory for reuse (`hf_decode.hold_freed_memory`, process-wide).
     `cpu_kernel` (with `shared_prefix`, not `compile`; float32 on CPU) runs the decode steps'
     attention in a C++ kernel built on first use, over a token-major own-token cache
-    (`cpu_attention`), or warns and keeps torch's matmuls where it cannot build."""
+    (`cpu_attention`), or warns and keeps torch's matmuls where it cannot build.
+    `kv_cache_dtype: float16` (with `cpu_kernel`) holds the decode's keys and values as float16
+    for that kernel, which widens them to float as it reads: half the memory its steps wait
+    on, rounded keys and values (other tokens than float32's, as vLLM's `kv_cache_dtype`)."""
 
     def __init__(self, model_path: str, device: str | None = None, dtype: str | None = None,
                  batch_size: int = 64, share_prefill: bool = True, num_threads: int | None = None,
                  cache: str = "static", attn_implementation: str | None = None,
                  attend_filled: bool = False, compile: bool = False, decode: str = "generate",
                  shared_prefix: bool = False, group_prefixes: bool = False,
-                 cpu_kernel: bool = False, model=None, tokenizer=None):
+                 cpu_kernel: bool = False, kv_cache_dtype: str | None = None, model=None,
+                 tokenizer=None):
         import torch
         from transformers import GenerationConfig
 
@@ -126,6 +131,14 @@ class HFEngine(Engine):
 
         self.kernels = (load_kernels() if cpu_kernel and not compile
                         and supports(self.model, self.device) else None)
+        if kv_cache_dtype not in KV_CACHE_DTYPES or (kv_cache_dtype == "float16"
+                                                     and not cpu_kernel):
+            raise UserError(f"engine 'hf': option 'kv_cache_dtype' must be one of "
+                            f"{[d for d in KV_CACHE_DTYPES if d]} (float16 needs cpu_kernel: "
+                            f"true), got {kv_cache_dtype!r}")
+        # float16 keys and values only where the kernel runs (it alone reads them)
+        self.kv_dtype = (torch.float16 if kv_cache_dtype == "float16" and self.kernels is not None
+                         else None)
 
         self.buffers = DecodeBuffers(keep=not self.device.startswith("cuda"))
         if self.buffers.keep:  # the same policy for the rest of a call's memory
@@ -265,7 +278,7 @@ class HFEngine(Engine):
             prefill, prefill_mask = self._prefill(lead_ids, lead_mask, keep_last=True,
                                                   share_start=True)
             prefix = SharedPrefix(prefill, prefill_mask, 1, self.model.dtype, group=group,
-                                  kernels=self.kernels)
+                                  kernels=self.kernels, kv_dtype=self.kv_dtype)
             generated = compact_decode(self.model, rest_ids, rest_mask, None,
                                        params.max_new_tokens, self.eos_ids, params.temperature,
                                        params.top_p, suppress, seed, prefix=prefix,
@@ -301,7 +314,8 @@ class HFEngine(Engine):
         from backtrack.engines.hf_prefix import SharedPrefix
 
         prefill, prefill_mask = self._prefill(input_ids, mask, share_start=True)
-        prefix = SharedPrefix(prefill, prefill_mask, n, self.model.dtype, kernels=self.kernels)
+        prefix = SharedPrefix(prefill, prefill_mask, n, self.model.dtype, kernels=self.kernels,
+                              kv_dtype=self.kv_dtype)
         return input_ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0), prefix
 
     def _prefill(self, input_ids, mask, keep_last: bool = False, share_start: bool = False):
@@ -387,8 +401,10 @@ class HFEngine(Engine):
                           finish_reason="stop" if finished else "length", token_ids=kept)
 
     def describe(self) -> dict:
-        return {"device": self.device, "dtype": str(self.model.dtype).removeprefix("torch."),
-                "cpu_kernel": self.kernels is not None}
+        dtype = str(self.model.dtype).removeprefix("torch.")
+        return {"device": self.device, "dtype": dtype, "cpu_kernel": self.kernels is not None,
+                "kv_cache_dtype": str(self.kv_dtype).removeprefix("torch.") if self.kv_dtype
+                else dtype}
 
     def close(self) -> None:
         self.model = None

@@ -190,15 +190,15 @@ DEAD_SHARE = 8
 CACHE_SLACK = 2
 
 
-def _decode_layer(layer, capacity: int, buffers, index: int, slack, kernels):
-    """The decode's cache layer: token-major for the C++ kernel (`cpu_attention`), else
-    `PreallocatedLayer`."""
+def _decode_layer(layer, capacity: int, buffers, index: int, slack, kernels, dtype=None):
+    """The decode's cache layer: token-major for the C++ kernel (`cpu_attention`; its keys
+    and values in `dtype`, None: the layer's), else `PreallocatedLayer`."""
     if kernels is None:
         return PreallocatedLayer(layer, capacity, buffers, index, slack)
     from backtrack.engines.cpu_attention import TokenMajorLayer
 
     return TokenMajorLayer(layer, capacity, buffers or DecodeBuffers(keep=False), index,
-                           kernels.compact_token_rows)
+                           kernels.compact_token_rows, dtype)
 
 
 def compact_decode(model, input_ids, mask, cache, max_new_tokens: int, eos_ids: list[int],
@@ -245,8 +245,11 @@ def compact_decode(model, input_ids, mask, cache, max_new_tokens: int, eos_ids: 
     # a compiled `step` keeps one buffer: each move to the other would change the cache's
     # strides, and torch.compile would compile the step again
     slack = CACHE_SLACK if input_ids.device.type == "cpu" and step is None else None
+    if prefix is not None:
+        prefix.store_for_decode()
     cache.layers = [_decode_layer(layer, layer.get_seq_length() + max_new_tokens + 1, buffers,
-                                  index, slack, getattr(prefix, "kernels", None))
+                                  index, slack, getattr(prefix, "kernels", None),
+                                  getattr(prefix, "kv_dtype", None))
                     if layer.is_initialized else layer for index, layer in enumerate(cache.layers)]
     forward = (step or shared_prefix_step(model)) if prefix is not None else None
     generator = torch.Generator(device=input_ids.device).manual_seed(seed)

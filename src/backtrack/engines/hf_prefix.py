@@ -28,7 +28,8 @@ class SharedPrefix:
     shared prefill leaves them), their padding as an additive mask, and which prompt (`group`)
     and which of its n samples (`slot`) each decoded row is."""
 
-    def __init__(self, prefill_cache, prompt_mask, n: int, dtype, group=None, kernels=None):
+    def __init__(self, prefill_cache, prompt_mask, n: int, dtype, group=None, kernels=None,
+                 kv_dtype=None):
         import torch
 
         self.keys = [layer.keys for layer in prefill_cache.layers]
@@ -38,6 +39,8 @@ class SharedPrefix:
         self.padding = _padding_run(prompt_mask)  # [P, 2]: the kernel skips these columns
         self.own_bias = None  # [rows, 1, 1, T] over a row's first own tokens (`mask_own`)
         self.kernels = kernels  # `cpu_attention.load_kernels()`: decode steps use its attention
+        # the decode's keys and values in this dtype (`store_for_decode`; the kernel's float16)
+        self.kv_dtype = kv_dtype if kernels is not None else None
         self._scores_bias = None  # (shape key, bias): one step's own-token mask, all layers
         if group is None:  # n rows per prompt, in prompt order
             rows = torch.arange(prompts * n, device=prompt_mask.device)
@@ -60,6 +63,13 @@ class SharedPrefix:
             self.group, torch.arange(len(self.bias) + 1, device=self.group.device))
         self.full = rows == len(self.bias) * self.n and bool(
             (self.slot == torch.arange(rows, device=self.slot.device) % self.n).all())
+
+    def store_for_decode(self) -> None:
+        """The prompts' keys and values in `kv_dtype` for the decode steps (the prefill and
+        the rows' own prefill computed them in the model's dtype)."""
+        if self.kv_dtype is not None:
+            self.keys = [keys.to(self.kv_dtype) for keys in self.keys]
+            self.values = [values.to(self.kv_dtype) for values in self.values]
 
     def mask_own(self, own_mask) -> None:
         """Rows' first own tokens include padding (0 in `own_mask` [rows, T]): attention skips
