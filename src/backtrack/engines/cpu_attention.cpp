@@ -7,7 +7,8 @@
 // A prompt's padding columns [padding[p][0], padding[p][1]) are skipped: their score is the
 // bias (the lowest float, what adding any score to it gives) and their weight exactly 0.
 // Vectors of 8 floats (GCC/Clang vector extensions) so the compiler emits AVX2 or NEON or
-// AVX-512 code as the machine allows; dim must be a multiple of 8.
+// AVX-512 code as the machine allows; dim must be a multiple of 8. Keys and values are float32
+// or float16 (all of one dtype); queries, scores, weights and outputs float32.
 
 #include <torch/extension.h>
 

@@ -12,7 +12,9 @@ writes one slab, so that cache never moves. torch and transformers have no such 
 and vLLM's CPU attention comes only with a vLLM CPU build, hence this one. It is built on
 first use for this machine's CPU (`-march=native`, ~30 s, cached by torch under
 ~/.cache/torch_extensions); where it cannot build (no C++ compiler or ninja) the engine warns
-once and keeps torch's matmuls. One thread.
+once and keeps torch's matmuls. One thread. With the engine's `kv_cache_dtype: float16` it
+reads float16 keys and values (prompts' and own), widened to float as they load: the steps
+wait on memory, and that halves it (1.05-1.08x a call on the toy model, README).
 """
 
 from __future__ import annotations
@@ -117,7 +119,8 @@ class TokenMajorLayer(DynamicLayer):
     so rows need no free slots between them and the cache never moves (`hf_decode.
     PreallocatedLayer` keeps 2 free slots and moves every 3 steps), and the kernel streams each
     token's keys for all rows at once. `keys` / `values` are [rows, kv heads, tokens, dim]
-    views, as transformers expects; only the kernel reads them (torch's matmuls would copy)."""
+    views, as transformers expects; only the kernel reads them (torch's matmuls would copy).
+    `dtype`: the stored keys' and values' (float16 for `kv_cache_dtype`; None: the layer's)."""
 
     def __init__(self, layer: DynamicLayer, capacity: int, buffers, index: int, compact_rows,
                  dtype=None):
