@@ -162,6 +162,39 @@ def test_kernel_reads_float16_keys_and_values_as_the_floats_they_round_to(kernel
         _attend(prefix, 1, query, own.float(), -own.float(), kernels)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_rotary_append_gives_transformers_rotary_and_writes_the_slab(kernels, dtype):
+    """The decode step's rotary in C++ (`TokenMajorLayer.append_rotated`): queries and keys
+    bit for bit transformers' apply_rotary_pos_emb (no fused multiply-add), keys and values
+    written into the next slab as torch's copy rounds them."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from backtrack.engines.cpu_attention import TokenMajorLayer
+    from backtrack.engines.hf_decode import DecodeBuffers
+
+    generator = torch.Generator().manual_seed(7)
+    rows, heads, kv_heads, dim = 5, 4, 2, 16
+    query, key, value = (torch.randn(rows, 1, h * dim, generator=generator) * 3
+                         for h in (heads, kv_heads, kv_heads))
+    angles = torch.rand(rows, 1, dim // 2, generator=generator) * 50
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    layer = DynamicLayer()
+    layer.update(torch.zeros(rows, kv_heads, 2, dim), torch.zeros(rows, kv_heads, 2, dim))
+    cache = TokenMajorLayer(layer, 4, DecodeBuffers(), 0, kernels, getattr(torch, dtype))
+    rotated, keys, values = cache.append_rotated(query, key, value, cos, sin)
+    expected_q, expected_k = apply_rotary_pos_emb(
+        query.view(rows, 1, heads, dim).transpose(1, 2),
+        key.view(rows, 1, kv_heads, dim).transpose(1, 2), cos, sin)
+    assert torch.equal(rotated, expected_q)
+    stored = getattr(torch, dtype)
+    assert torch.equal(keys[:, :, 2:], expected_k.to(stored))
+    assert torch.equal(values[:, :, 2:], value.view(rows, 1, kv_heads, dim).transpose(1, 2)
+                       .to(stored))
+    assert cache.get_seq_length() == 3 and keys.dtype == stored
+
+
 def test_token_major_cache_appends_slabs_and_keeps_rows_in_place(kernels):
     """The kernel's own-token cache: every view holds what was written (as [rows, heads,
     tokens, dim]), in one kept buffer that never moves; dropping rows moves the kept ones to
@@ -175,7 +208,7 @@ def test_token_major_cache_appends_slabs_and_keeps_rows_in_place(kernels):
     start = torch.randn(5, 2, 3, 8)
     layer = DynamicLayer()
     layer.update(start, -start)
-    cache = TokenMajorLayer(layer, 9, DecodeBuffers(), 0, kernels.compact_token_rows)
+    cache = TokenMajorLayer(layer, 9, DecodeBuffers(), 0, kernels)
     written, pointers = [start], set()
     for _ in range(3):
         new = torch.randn(5, 2, 1, 8)

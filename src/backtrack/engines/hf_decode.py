@@ -198,7 +198,7 @@ def _decode_layer(layer, capacity: int, buffers, index: int, slack, kernels, dty
     from backtrack.engines.cpu_attention import TokenMajorLayer
 
     return TokenMajorLayer(layer, capacity, buffers or DecodeBuffers(keep=False), index,
-                           kernels.compact_token_rows, dtype)
+                           kernels, dtype)
 
 
 def compact_decode(model, input_ids, mask, cache, max_new_tokens: int, eos_ids: list[int],

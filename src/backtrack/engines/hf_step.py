@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from backtrack.engines.cpu_attention import cascade_attention
+from backtrack.engines.cpu_attention import TokenMajorLayer, cascade_attention
 from backtrack.engines.hf_prefix import shared_prefix_attention
 
 # Model types whose forward is embed -> rotary -> layers(hidden, mask, position embeddings, cache)
@@ -87,15 +87,20 @@ def shared_prefix_step(model):
 class Rotary:
     """transformers' `apply_rotary_pos_emb` for [rows, heads, 1, dim] states, in 3 operations
     instead of 6: rotate_half(x) * sin is x rolled by half the dims times sin with its first
-    half negated ((-a) * b is a * (-b) exactly), so the same floats."""
+    half negated ((-a) * b is a * (-b) exactly), so the same floats. `cos` and `sin` stay as
+    the model's rotary embedding gives them ([rows, 1, dim]) for the kernel's own rotary."""
 
     def __init__(self, cos, sin):
-        half = cos.shape[-1] // 2
-        self.half, self.cos = half, cos.unsqueeze(1)
-        self.sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).unsqueeze(1)
+        self.cos, self.sin = cos, sin
+        self._broadcast = None  # (cos, signed sin, half) for [rows, heads, 1, dim] states
 
     def __call__(self, states):
-        return states * self.cos + states.roll(self.half, -1) * self.sin
+        if self._broadcast is None:
+            half = self.cos.shape[-1] // 2
+            signed = torch.cat([-self.sin[..., :half], self.sin[..., half:]], dim=-1)
+            self._broadcast = self.cos.unsqueeze(1), signed.unsqueeze(1), half
+        cos, sin, half = self._broadcast
+        return states * cos + states.roll(half, -1) * sin
 
 
 class PlainLayer:
@@ -119,11 +124,16 @@ class PlainLayer:
     def forward(self, hidden, rotary: Rotary, cache, prefix):
         rows = hidden.shape[0]
         states = _rms_norm(hidden, *self.norms[0])
-        shape = (rows, 1, -1, self.head_dim)
-        query = rotary(F.linear(states, *self.q).view(shape).transpose(1, 2))
-        key = rotary(F.linear(states, *self.k).view(shape).transpose(1, 2))
-        value = F.linear(states, *self.v).view(shape).transpose(1, 2)
-        key, value = cache.update(key, value, self.index)
+        query, key, value = (F.linear(states, *self.q), F.linear(states, *self.k),
+                             F.linear(states, *self.v))
+        own = cache.layers[self.index]
+        if isinstance(own, TokenMajorLayer):  # the kernel's cache: rotary and write in C++
+            query, key, value = own.append_rotated(query, key, value, rotary.cos, rotary.sin)
+        else:
+            shape = (rows, 1, -1, self.head_dim)
+            query = rotary(query.view(shape).transpose(1, 2))
+            key = rotary(key.view(shape).transpose(1, 2))
+            key, value = cache.update(key, value.view(shape).transpose(1, 2), self.index)
         if prefix.kernels is not None:
             out = cascade_attention(prefix.kernels, query, key, value, prefix, self.index,
                                     self.scaling)
