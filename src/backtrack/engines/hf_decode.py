@@ -155,7 +155,7 @@ def sample_tokens(logits, temperature: float, top_p: float, generator, suppress:
         logits[:, suppress] = float("-inf")
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    logits = logits.div_(temperature)  # the step's own logits: no copy needed
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=False)
         remove = sorted_logits.softmax(-1).cumsum(-1) <= (1 - top_p)
@@ -178,8 +178,8 @@ def multinomial_one_cpu(probs, generator):
     import torch
 
     uniform = torch.rand(probs.shape, dtype=torch.float64, generator=generator)
-    race = probs / torch.log1p(-uniform).neg_().to(probs.dtype)
-    return race.argmax(-1)
+    exponential = uniform.neg_().log1p_().neg_().to(probs.dtype)  # in place: the same floats
+    return (probs / exponential).argmax(-1)
 
 
 # `compact_decode` drops finished rows once 1 / DEAD_SHARE of its batch has finished.
