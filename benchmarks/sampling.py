@@ -64,11 +64,12 @@ LEVERS = {
     # also given of its own bound, at the bf16 matmul rate (`share_of_own_bound`)
     "compact+shared_prefix+bf16": {"cache": "dynamic", "decode": "compact",
                                    "shared_prefix": True, "dtype": "bfloat16"},
-    # The default as it was (`former_decode`), newest first. The recipe's engine with its
-    # decoder layers called whole (as before `hf_step.plain_decoder_layers`, 2026-12-07; the
-    # same tokens)
-    "shared_prefix_module_layers": {"cache": "dynamic", "decode": "compact",
-                                    "shared_prefix": True, "cpu_kernel": True},
+    # The default as it was (`former_decode`), newest first. The recipe's engine as of
+    # bd5bf7f (2026-12-07): decoder layers called whole (before `hf_step.plain_decoder_layers`
+    # and its C++ rotary) and each row's last prompt token run by a decode step (before
+    # `hf.PREFILL_GIVES_FIRST_TOKEN`; the same tokens up to float order)
+    "cpu_kernel_as_of_bd5bf7f": {"cache": "dynamic", "decode": "compact",
+                                 "shared_prefix": True, "cpu_kernel": True},
     # ... and without the C++ attention; each prompt prefilled whole (as
     # before `hf_prefill.common_start`, 2026-12-07; another float summation order, so other
     # tokens; the levers below give its tokens)
@@ -85,7 +86,7 @@ LEVERS = {
     # call (as before 2026-12-03)
     "shared_prefix_before": {"cache": "dynamic", "decode": "compact", "shared_prefix": True},
 }
-FORMER = {"shared_prefix_module_layers", "shared_prefix_whole_prompts", "shared_prefix_loose_cache",
+FORMER = {"cpu_kernel_as_of_bd5bf7f", "shared_prefix_whole_prompts", "shared_prefix_loose_cache",
           "shared_prefix_one_prefill", "shared_prefix_before"}
 DEFAULT_LEVERS = [name for name in LEVERS if "compile" not in name]
 
@@ -197,13 +198,13 @@ def decode_matmul(model, rows: int, seconds: float = 0.3) -> dict:
 # The compact decode as it was (FORMER), newest first; each former lever undoes its own change
 # and every newer one (the tokens of `shared_prefix_whole_prompts` and older differ from the
 # default's in float summation order only; among themselves they are the same)
-FORMER_ORDER = ["shared_prefix_module_layers", "shared_prefix_whole_prompts",
+FORMER_ORDER = ["cpu_kernel_as_of_bd5bf7f", "shared_prefix_whole_prompts",
                 "shared_prefix_loose_cache", "shared_prefix_one_prefill", "shared_prefix_before"]
 
 
 def _undo(former: str, engine) -> dict:
     """(module, attribute) -> the value it had before `former`'s change."""
-    from backtrack.engines import hf_decode, hf_prefill, hf_prefix, hf_step
+    from backtrack.engines import hf, hf_decode, hf_prefill, hf_prefix, hf_step
 
     index_rows = hf_prefix.SharedPrefix._index_rows
 
@@ -212,8 +213,10 @@ def _undo(former: str, engine) -> dict:
         prefix.full = False
 
     return {
-        # 2026-12-07: decoder layers' arithmetic in the step (`hf_step.plain_decoder_layers`)
-        "shared_prefix_module_layers": {(hf_step, "plain_decoder_layers"): lambda layers: False},
+        # 2026-12-07: decoder layers' arithmetic in the step (`hf_step.plain_decoder_layers`),
+        # the first token drawn from the prefill's logits (`hf.PREFILL_GIVES_FIRST_TOKEN`)
+        "cpu_kernel_as_of_bd5bf7f": {(hf_step, "plain_decoder_layers"): lambda layers: False,
+                                     (hf, "PREFILL_GIVES_FIRST_TOKEN"): False},
         # 2026-12-07: prompts' common start prefilled once (`hf_prefill.common_start`)
         "shared_prefix_whole_prompts": {(hf_prefill, "MIN_COMMON_START"): 1 << 30},
         # 2026-12-07: own cache kept near tight (`CACHE_SLACK`), rows grouped by reshape
@@ -315,7 +318,7 @@ def bench_levers(name: str, args) -> dict:
         lever["vs_baseline"] = round(lever["tokens_per_s"] / baseline["tokens_per_s"], 2)
         lever["vs_baseline_cpu"] = round(lever["tokens_per_cpu_s"] / baseline["tokens_per_cpu_s"], 2)
     newest_former = "shared_prefix_whole_prompts"  # the tokens of every older former lever
-    same_as = {"shared_prefix_module_layers": "compact+shared_prefix+cpu_kernel",
+    same_as = {"cpu_kernel_as_of_bd5bf7f": "compact+shared_prefix+cpu_kernel",
                "compact+shared_prefix+cpu_kernel+float16_kv": "compact+shared_prefix+cpu_kernel"}
     for other in FORMER | {"compact+shared_prefix+compile", *same_as}:
         reference = same_as.get(other, newest_former if other in FORMER

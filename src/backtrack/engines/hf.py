@@ -31,6 +31,11 @@ ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 DECODERS = ("generate", "compact")
 KV_CACHE_DTYPES = (None, "auto", "float16")
 
+# With shared_prefix, the prompt prefill runs every prompt token and its last logits give the
+# first sampled token (as generate's prefill does), instead of a decode step over all n rows
+# per prompt for the last prompt token (benchmarks/sampling.py turns it off for a former lever).
+PREFILL_GIVES_FIRST_TOKEN = True
+
 
 def load_model_and_tokenizer(model_path: str, device: str, dtype: str | None):
     """Model (eval mode, on `device`) and tokenizer of a local folder or hub id."""
@@ -234,9 +239,11 @@ class HFEngine(Engine):
         width, cache, prefix = input_ids.shape[1], None, None
         suppress = [] if self.pad_id in self._eos_set else [self.pad_id]
         shared = self.shared_prefix and params.n > 1 and width > 1
+        first_logits = None
         with torch.inference_mode(), self._attention_scope(shared):
             if shared:
-                input_ids, mask, prefix = self._prefix_prefill(input_ids, mask, params.n)
+                input_ids, mask, prefix, first_logits = self._prefix_prefill(input_ids, mask,
+                                                                             params.n)
             elif params.n > 1 and self.share_prefill and width > 1:
                 input_ids, mask, cache = self._shared_prefill(input_ids, mask, params.n, 0,
                                                               dynamic=True)
@@ -247,7 +254,8 @@ class HFEngine(Engine):
                                        params.max_new_tokens, self.eos_ids, params.temperature,
                                        params.top_p, suppress, seed, prefix=prefix,
                                        buffers=self.buffers,
-                                       step=self._decode_step() if shared else None)
+                                       step=self._decode_step() if shared else None,
+                                       first_logits=first_logits)
         return [self._to_completion(ids, []) for ids in generated]
 
     def _grouped_batch(self, batch: list[list[int]], params: GenerationParams,
@@ -310,26 +318,36 @@ class HFEngine(Engine):
 
     def _prefix_prefill(self, input_ids, mask, n: int):
         """The prompts run once into a `SharedPrefix` (not repeated); the rows (n per prompt)
-        for the decode loop."""
+        for the decode loop, and their first token's logits (`PREFILL_GIVES_FIRST_TOKEN`: the
+        prompts' last ones, from the prefill, which then holds every prompt token; else None:
+        the decode's first step runs each row's last prompt token)."""
+        import torch
+
         from backtrack.engines.hf_prefix import SharedPrefix
 
-        prefill, prefill_mask = self._prefill(input_ids, mask, share_start=True)
+        logits = [] if PREFILL_GIVES_FIRST_TOKEN else None
+        prefill, prefill_mask = self._prefill(input_ids, mask, keep_last=logits is not None,
+                                              share_start=True, logits=logits)
         prefix = SharedPrefix(prefill, prefill_mask, n, self.model.dtype, kernels=self.kernels,
                               kv_dtype=self.kv_dtype)
-        return input_ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0), prefix
+        first = None if logits is None else torch.cat(logits).repeat_interleave(n, dim=0)
+        return (input_ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0), prefix,
+                first)
 
-    def _prefill(self, input_ids, mask, keep_last: bool = False, share_start: bool = False):
+    def _prefill(self, input_ids, mask, keep_last: bool = False, share_start: bool = False,
+                 logits: list | None = None):
         """A DynamicCache of the prompt batch, all but its last token (the decode's first), or
         all of it with `keep_last`, and the mask of its columns; run `PREFILL_ROWS` prompts at
         a time (`hf_prefill.prefill_in_chunks`: less padding, smaller intermediates), with
         `share_start` the tokens every prompt starts with once (`hf_prefill.prompt_prefill`;
-        the cache's columns then differ from the prompts')."""
+        the cache's columns then differ from the prompts'). With `logits`, the prefill's
+        last-position logits are appended to it, a chunk of prompts at a time."""
         from backtrack.engines.hf_prefill import prompt_prefill
 
         end = input_ids.shape[1] if keep_last else -1
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         return prompt_prefill(self.model, input_ids[:, :end], mask[:, :end],
-                              position_ids[:, :end], share_start, self.buffers)
+                              position_ids[:, :end], share_start, self.buffers, logits)
 
     def _compile_kwargs(self) -> dict:
         """generate() options for compiling the decode step (or keeping it uncompiled)."""

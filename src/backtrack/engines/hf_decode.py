@@ -204,7 +204,7 @@ def _decode_layer(layer, capacity: int, buffers, index: int, slack, kernels, dty
 def compact_decode(model, input_ids, mask, cache, max_new_tokens: int, eos_ids: list[int],
                    temperature: float, top_p: float, suppress: list[int], seed: int,
                    prefix=None, buffers: DecodeBuffers | None = None,
-                   step=None, positions=None) -> list[list[int]]:
+                   step=None, positions=None, first_logits=None) -> list[list[int]]:
     """New token ids per row (the ending EOS included) for left-padded `input_ids`.
 
     `cache` is a DynamicCache holding every prompt token but the last (as the engine's shared
@@ -216,7 +216,9 @@ def compact_decode(model, input_ids, mask, cache, max_new_tokens: int, eos_ids: 
     (`hf_step.compiled_step`).
     With `positions` (their position ids), `prefix` holds only the rows' leading tokens and
     `input_ids` / `mask` are the rest, left-padded: all but the last run into the rows' own
-    cache first (`hf_prefix.prefix_groups`)."""
+    cache first (`hf_prefix.prefix_groups`). With `first_logits` ([rows, vocab], the logits
+    of each row's last prompt token, which `prefix` then holds too) the first token is drawn
+    from them, without a decode step (a prefill computes them anyway)."""
     import torch
     from transformers import DynamicCache
 
@@ -258,8 +260,10 @@ def compact_decode(model, input_ids, mask, cache, max_new_tokens: int, eos_ids: 
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)  # original row of each
     done = torch.zeros_like(rows, dtype=torch.bool)  # rows that ended but are still stepped
     current, position = input_ids[:, -1:], positions[:, -1:]
-    for step in range(max_new_tokens):
-        if forward is not None:
+    for drawn in range(max_new_tokens):
+        if drawn == 0 and first_logits is not None:
+            logits = first_logits
+        elif forward is not None:
             logits = forward(current, position, cache, prefix)
         else:
             logits = model(input_ids=current, attention_mask=mask, position_ids=position,
@@ -269,7 +273,7 @@ def compact_decode(model, input_ids, mask, cache, max_new_tokens: int, eos_ids: 
             if not ended:
                 tokens[row].append(token)
         done = done | torch.isin(chosen, eos)
-        if step + 1 == max_new_tokens or bool(done.all()):
+        if drawn + 1 == max_new_tokens or bool(done.all()):
             break
         if forward is None:  # the model's forward reads the 2D mask; the lean step does not
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)

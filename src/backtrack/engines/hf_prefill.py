@@ -22,7 +22,7 @@ PREFILL_ROWS = 16  # the engine's prompt prefill
 
 
 def prefill_in_chunks(model, input_ids, mask, positions, rows_per_chunk: int, chunk_setup,
-                      lead: int = 0, buffers=None):
+                      lead: int = 0, buffers=None, logits: list | None = None):
     """Left-padded `input_ids` (padding 0 in `mask`) run `rows_per_chunk` rows at a time, each
     chunk without the columns that are padding in all of its rows; returns the first chunk's
     cache holding every row's keys and values, zeros in the dropped columns (padding, which the
@@ -33,7 +33,8 @@ def prefill_in_chunks(model, input_ids, mask, positions, rows_per_chunk: int, ch
     each chunk's cache already holds `lead` columns every row attends to (a shared start),
     and the returned cache has them first. With `buffers` (`hf_decode.DecodeBuffers`) the
     assembled cache lives in memory kept between calls: 8 fresh 1.6 MB tensors cost 5.8 ms of
-    a 32-prompt call in page faults and zeroing.
+    a 32-prompt call in page faults and zeroing. With `logits`, each chunk's last-position
+    logits ([chunk rows, vocab]) are appended to it.
 
     The rows of a batch are sorted by length (or share a prompt), so a chunk of neighbours
     needs little padding where the whole batch needs the longest row's (17 % of the toy
@@ -58,9 +59,11 @@ def prefill_in_chunks(model, input_ids, mask, positions, rows_per_chunk: int, ch
         chunk_mask = mask[start:end, first:]
         if lead:
             chunk_mask = torch.cat([chunk_mask.new_ones((end - start, lead)), chunk_mask], dim=1)
-        model(input_ids=input_ids[start:end, first:], attention_mask=chunk_mask,
-              position_ids=positions[start:end, first:], past_key_values=cache, use_cache=True,
-              logits_to_keep=1, **kwargs)
+        out = model(input_ids=input_ids[start:end, first:], attention_mask=chunk_mask,
+                    position_ids=positions[start:end, first:], past_key_values=cache,
+                    use_cache=True, logits_to_keep=1, **kwargs)
+        if logits is not None:
+            logits.append(out.logits[:, -1, :])
         if end == rows and start == first == 0:  # one chunk, nothing dropped
             return cache
         if first_cache is None:
@@ -81,9 +84,10 @@ def prefill_in_chunks(model, input_ids, mask, positions, rows_per_chunk: int, ch
     return first_cache
 
 
-def prompt_prefill(model, input_ids, mask, positions, share_start: bool = False, buffers=None):
+def prompt_prefill(model, input_ids, mask, positions, share_start: bool = False, buffers=None,
+                   logits: list | None = None):
     """A DynamicCache of left-padded prompts, `PREFILL_ROWS` at a time (`prefill_in_chunks`),
-    and the mask of its columns. With `share_start`, the tokens every prompt starts with
+    and the mask of its columns (with `logits`, the chunks' last-position logits appended). With `share_start`, the tokens every prompt starts with
     (`common_start`) run once, as one row, and every prompt's rest against them: the cache
     then has those tokens first, each row's padding after them (in the mask).
 
@@ -101,7 +105,7 @@ def prompt_prefill(model, input_ids, mask, positions, share_start: bool = False,
     if not lead:
         return prefill_in_chunks(model, input_ids, mask, positions, PREFILL_ROWS,
                                  lambda *_: (DynamicCache(config=model.config), {}),
-                                 buffers=buffers), mask
+                                 buffers=buffers, logits=logits), mask
     rows, width = input_ids.shape
     lengths = mask.sum(1)
     lead_columns = slice(width - int(lengths[0]), width - int(lengths[0]) + lead)  # row 0's
@@ -119,7 +123,7 @@ def prompt_prefill(model, input_ids, mask, positions, share_start: bool = False,
 
     cache = prefill_in_chunks(model, input_ids[:, width - rest:], rest_mask,
                               positions[:, width - rest:], PREFILL_ROWS, chunk_setup, lead=lead,
-                              buffers=buffers)
+                              buffers=buffers, logits=logits)
     return cache, torch.cat([mask.new_ones((rows, lead)), rest_mask], dim=1)
 
 
