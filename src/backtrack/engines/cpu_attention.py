@@ -14,7 +14,7 @@ first use for this machine's CPU (`-march=native`, ~30 s, cached by torch under
 ~/.cache/torch_extensions); where it cannot build (no C++ compiler or ninja) the engine warns
 once and keeps torch's matmuls. One thread. With the engine's `kv_cache_dtype: float16` it
 reads float16 keys and values (prompts' and own), widened to float as they load: the steps
-wait on memory, and that halves it (1.05-1.08x a call on the toy model, README).
+wait on memory, and that halves it (1.05-1.10x a call on the toy model, README).
 """
 
 from __future__ import annotations

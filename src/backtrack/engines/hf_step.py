@@ -9,10 +9,11 @@ rotary embedding by slices and a concatenation. On the toy model (4 layers of 16
 of ~8 ms at 128 rows) that glue is most of what is neither a matmul nor the attention. So for
 decoder layers of transformers' Llama form (`plain_decoder_layers`: plain nn.Linear
 projections, RMSNorms, a SiLU MLP, no hooks) the step runs the layer's arithmetic here on the
-modules' weights: the same operations in the same order, the same logits bit for bit
-(tests/test_engines_speed.py), ~25 ms sooner per 32 x 4 sampling call (7 %, README). Any other
-layer (LoRA or quantized linears, a Qwen3 attention's q_norm, hooks) is called whole. No
-transformers API runs a decoder stack without this glue.
+modules' weights (`PlainLayer`): the same operations in the same order, the same logits bit for
+bit (tests/test_engines_speed.py), ~22 ms sooner per 32 x 4 sampling call (6 %, README); with
+`cpu_kernel` the rotary and the cache write are one C++ call (`TokenMajorLayer.append_rotated`).
+Any other layer (LoRA or quantized linears, a Qwen3 attention's q_norm, hooks) is called whole.
+No transformers API runs a decoder stack without this glue.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ PLAIN_CLASSES = {prefix + part for prefix in ("Llama", "Mistral", "Qwen2")
 
 
 def plain_decoder_layers(layers) -> bool:
-    """Whether `_decoder_layer` computes every layer exactly: each is of `PLAIN_CLASSES` with
+    """Whether `PlainLayer` computes every layer exactly: each is of `PLAIN_CLASSES` with
     plain linears and a SiLU, and no hooks on it or its parts (calling it whole runs them)."""
     for layer in layers:
         attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
