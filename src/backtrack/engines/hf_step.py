@@ -57,9 +57,10 @@ def plain_decoder_layers(layers) -> bool:
     return True
 
 
-def shared_prefix_step(model):
+def shared_prefix_step(model, plain: bool = True):
     """One decode step's last-position logits (`step(input_ids, position_ids, cache, prefix)`)
-    through the model's own modules, or None when the model's forward is not the Llama layout."""
+    through the model's own modules, or None when the model's forward is not the Llama layout.
+    `plain=False` calls every decoder layer whole (for torch.compile, `compiled_step`)."""
     inner = getattr(model, "model", None)
     if (getattr(model.config, "model_type", None) not in LLAMA_LAYOUT or inner is None
             or not all(hasattr(inner, name) for name in ("embed_tokens", "rotary_emb", "layers",
@@ -67,7 +68,7 @@ def shared_prefix_step(model):
         return None
     layers = inner.layers[:model.config.num_hidden_layers]
     plain = ([PlainLayer(layer, index) for index, layer in enumerate(layers)]
-             if plain_decoder_layers(layers) else None)
+             if plain and plain_decoder_layers(layers) else None)
 
     def step(input_ids, position_ids, cache, prefix):
         hidden = inner.embed_tokens(input_ids)
@@ -162,6 +163,8 @@ def compiled_step(model):
     attention's softmax) around the matmuls; the rows, the prompts and the filled cache length
     change from step to step, hence dynamic shapes: three graphs on the toy model, ~80 s to
     compile in a fresh process (~20 s with inductor's disk cache warm), then 1.2x the
-    uncompiled step at batch 128 on a CPU (README)."""
-    step = shared_prefix_step(model)
+    uncompiled step at batch 128 on a CPU (README). The decoder layers are called whole:
+    inductor fuses what `PlainLayer` saves, and traced through `PlainLayer` the first call
+    compiled for 435 s instead of ~80, then ran slower."""
+    step = shared_prefix_step(model, plain=False)
     return None if step is None else torch.compile(step, dynamic=True)
