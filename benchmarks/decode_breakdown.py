@@ -2,11 +2,11 @@
 
 benchmarks/sampling.py gives each engine option's share of the compute bound; this says what
 the rest of a call is, for the toy recipe's default engine (`decode: compact`,
-`shared_prefix`): the prompt prefill, the decode steps' attention (`cpu_kernel`'s unless `--torch-attention`)
-and linears, the sampling
-draws, and everything else (the decode loop, cache copies, norms, rotary, residuals). Each
-part is timed by wrapping its function (CPU ops are synchronous), summed over `--calls` calls
-after a warm-up call; the wrappers add a little time of their own.
+`shared_prefix`): the prompt prefill, the decode steps' attention (`cpu_kernel`'s unless
+`--torch-attention`) and linears, the sampling draws, and everything else (the decode loop,
+cache copies, norms, rotary, residuals). Each part is timed by wrapping its function (CPU ops
+are synchronous), summed over `--calls` calls after a warm-up call; the wrappers add a little
+time of their own.
 
     python benchmarks/decode_breakdown.py --model <toy base> --calls 5
 """
@@ -54,8 +54,6 @@ def instrument(engine, totals: Counter) -> None:
     ALL_ATTENTION_FUNCTIONS._global_mapping[hf_prefix.NAME] = attention
     # the decode step's own calls (`hf_step.PlainLayer`): attention, and linears by F.linear
     hf_step.shared_prefix_attention = attention
-    hf_step.cascade_attention = timed(totals, "  attention in {phase}", hf_step.cascade_attention,
-                                      phase)
     hf_step.F = SimpleNamespace(**{name: getattr(hf_step.F, name) for name in dir(hf_step.F)})
     hf_step.F.linear = timed(totals, "  linears in {phase}", torch.nn.functional.linear, phase)
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]

@@ -2,7 +2,8 @@
 summation order) for full and thinned batches, grouped-query heads, strided own caches and
 padded own tokens, float16 keys and values, and its token-major cache keeps rows in place; the
 engine gives the same tokens with it; where it cannot build, the engine warns and decodes with
-torch. Also the CPU engine's memory setting (`hold_freed_memory`): freed memory is reused without page faults."""
+torch. Also the CPU engine's memory setting (`hold_freed_memory`): freed memory is reused
+without page faults."""
 
 from __future__ import annotations
 

@@ -87,9 +87,10 @@ def prefill_in_chunks(model, input_ids, mask, positions, rows_per_chunk: int, ch
 def prompt_prefill(model, input_ids, mask, positions, share_start: bool = False, buffers=None,
                    logits: list | None = None):
     """A DynamicCache of left-padded prompts, `PREFILL_ROWS` at a time (`prefill_in_chunks`),
-    and the mask of its columns (with `logits`, the chunks' last-position logits appended). With `share_start`, the tokens every prompt starts with
-    (`common_start`) run once, as one row, and every prompt's rest against them: the cache
-    then has those tokens first, each row's padding after them (in the mask).
+    and the mask of its columns (with `logits`, the chunks' last-position logits appended).
+    With `share_start`, the tokens every prompt starts with (`common_start`) run once, as one
+    row, and every prompt's rest against them: the cache then has those tokens first, each
+    row's padding after them (in the mask).
 
     A task's prompts share their system turn: 26 of the toy prompts' ~67 tokens, 39 % of the
     prompt prefill (32 prompts of the sampling shape: 124-134 ms whole, 79 ms with the start

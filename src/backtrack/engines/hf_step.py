@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from backtrack.engines.cpu_attention import TokenMajorLayer, cascade_attention
+from backtrack.engines.cpu_attention import TokenMajorLayer
 from backtrack.engines.hf_prefix import shared_prefix_attention
 
 # Model types whose forward is embed -> rotary -> layers(hidden, mask, position embeddings, cache)
@@ -136,12 +136,8 @@ class PlainLayer:
             query = rotary(query.view(shape).transpose(1, 2))
             key = rotary(key.view(shape).transpose(1, 2))
             key, value = cache.update(key, value.view(shape).transpose(1, 2), self.index)
-        if prefix.kernels is not None:
-            out = cascade_attention(prefix.kernels, query, key, value, prefix, self.index,
-                                    self.scaling)
-        else:
-            out, _ = shared_prefix_attention(self.attention, query, key, value, None,
-                                             scaling=self.scaling, shared_prefix=prefix)
+        out, _ = shared_prefix_attention(self.attention, query, key, value, None,
+                                         scaling=self.scaling, shared_prefix=prefix)
         hidden = hidden + F.linear(out.reshape(rows, 1, -1), *self.o)
         states = _rms_norm(hidden, *self.norms[1])
         gated = F.silu(F.linear(states, *self.gate)) * F.linear(states, *self.up)
