@@ -219,6 +219,46 @@ def test_cpu_sampler_draws_what_torch_multinomial_draws(shape):
     assert torch.equal(torch.rand(8, generator=ours), torch.rand(8, generator=theirs))
 
 
+def test_inverse_cdf_draw_follows_the_distribution():
+    """Over 40,000 rows of one distribution with zero-probability tokens at both ends and
+    between, each token is drawn at its probability (within 5 standard errors), a zero one
+    never; the same generator seed gives the same draws, and one uniform per row is drawn."""
+    import torch
+
+    from backtrack.engines.hf_decode import inverse_cdf_draw
+
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.15, 0.05, 0.0]).repeat(40_000, 1)
+    generator = torch.Generator().manual_seed(3)
+    drawn = inverse_cdf_draw(probs, generator)
+    counts = torch.bincount(drawn, minlength=7).double() / len(drawn)
+    standard_error = (probs[0].double() * (1 - probs[0].double()) / len(drawn)).sqrt()
+    assert counts[[0, 2, 6]].sum() == 0
+    assert ((counts - probs[0].double()).abs() <= 5 * standard_error + 1e-12).all(), counts
+    again = torch.Generator().manual_seed(3)
+    assert torch.equal(inverse_cdf_draw(probs, again), drawn)
+    after = torch.Generator().manual_seed(3)
+    torch.rand((40_000, 1), dtype=torch.float64, generator=after)
+    assert torch.equal(torch.rand(4, generator=again), torch.rand(4, generator=after))
+
+
+def test_inverse_cdf_draw_never_draws_past_the_last_token_with_mass(monkeypatch):
+    """A uniform at its largest value (1 - 2^-53, scaled to a total that may round up) still
+    lands on the last token with probability, not on the zero ones after it nor past the
+    vocabulary; a uniform of 0 lands on the first token with probability."""
+    import torch
+
+    from backtrack.engines import hf_decode
+
+    probs = torch.tensor([[0.0, 0.25, 0.75, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0],
+                          [1 / 3, 1 / 3, 1 / 3, 0.0, 0.0]])
+    largest = torch.tensor(1.0, dtype=torch.float64).nextafter(torch.tensor(0.0,
+                                                                            dtype=torch.float64))
+    for uniform, expected in ((largest, [2, 2, 2]), (0.0, [1, 2, 0])):
+        monkeypatch.setattr(torch, "rand", lambda shape, dtype, generator, u=uniform:
+                            torch.full(shape, float(u), dtype=dtype))
+        assert hf_decode.inverse_cdf_draw(probs, None).tolist() == expected
+
+
 def test_top_p_keeps_the_smallest_set_above_p():
     import torch
 

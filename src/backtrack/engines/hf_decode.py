@@ -11,8 +11,9 @@ layers are swapped for `PreallocatedLayer`s sized for the whole generation: a Dy
 copies its whole cache at every step (`torch.cat`), 56 % of the decode time on the toy model.
 
 Sampling is generate's (temperature, then top-p over the sorted distribution, the pad token
-suppressed), drawn from a generator seeded by the caller: the same seed and batch give the same
-tokens, but not the tokens `generate` would draw (it consumes the global RNG differently).
+suppressed; on CPU drawn by inverse transform sampling), from a generator seeded by the
+caller: the same seed and batch give the same tokens, but not the tokens `generate` would
+draw (it consumes the global RNG differently).
 """
 
 from __future__ import annotations
@@ -163,8 +164,27 @@ def sample_tokens(logits, temperature: float, top_p: float, generator, suppress:
         logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
     probs = logits.softmax(-1)
     if probs.device.type == "cpu":
-        return multinomial_one_cpu(probs, generator)
+        return CPU_DRAW(probs, generator)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def inverse_cdf_draw(probs, generator):
+    """One token per row of `probs` [rows, vocab] on CPU, by inverse transform sampling: a
+    float64 uniform per row, scaled to the row's total, looked up in its float64 running sums.
+
+    torch.multinomial draws one sample as argmax(probs / q) over one Exp(1) draw q per
+    vocabulary entry; on CPU those random numbers were most of a draw (a toy step's [128 x
+    501]: ~0.55 of 0.8 ms, README), and one uniform per row needs none of them. Each token
+    comes with its probability up to float64 rounding, as multinomial's; the tokens for a seed
+    are others (`multinomial_one_cpu` gives multinomial's). A zero-probability token (a
+    suppressed one, or past top-p) is never drawn: its running sum equals the one before it,
+    and the lookup takes the first sum above the target, which is below the total (a uniform
+    is at most 1 - 2^-53, and x * (1 - 2^-53) rounds below x for any positive double x)."""
+    import torch
+
+    sums = probs.cumsum(-1, dtype=torch.float64)
+    uniform = torch.rand((len(sums), 1), dtype=torch.float64, generator=generator)
+    return torch.searchsorted(sums, uniform * sums[:, -1:], right=True).squeeze(1)
 
 
 def multinomial_one_cpu(probs, generator):
@@ -174,12 +194,17 @@ def multinomial_one_cpu(probs, generator):
     kernel is a scalar loop: 1.1 ms of a 9 ms decode step at batch 128 on the toy model. The
     same q is -log1p(-u) for u = the float64 uniforms `torch.rand` draws from the same
     generator, in vectorized kernels (2.8x faster here). Same tokens and generator state
-    after, for any shape (tests/test_engines_speed.py checks both); CUDA keeps multinomial."""
+    after, for any shape (tests/test_engines_speed.py checks both). The CPU draw before
+    `inverse_cdf_draw` (benchmarks/sampling.py's former levers use it)."""
     import torch
 
     uniform = torch.rand(probs.shape, dtype=torch.float64, generator=generator)
     exponential = uniform.neg_().log1p_().neg_().to(probs.dtype)  # in place: the same floats
     return (probs / exponential).argmax(-1)
+
+
+# The CPU sampler's draw from the probabilities (CUDA keeps torch.multinomial)
+CPU_DRAW = inverse_cdf_draw
 
 
 # `compact_decode` drops finished rows once 1 / DEAD_SHARE of its batch has finished.
