@@ -64,16 +64,17 @@ LEVERS = {
     # also given of its own bound, at the bf16 matmul rate (`share_of_own_bound`)
     "compact+shared_prefix+bf16": {"cache": "dynamic", "decode": "compact",
                                    "shared_prefix": True, "dtype": "bfloat16"},
-    # The default as it was (`former_decode`), newest first. The recipe's engine as of
-    # 3ac973d (2026-12-07): each token drawn by torch.multinomial's draws
-    # (`hf_decode.multinomial_one_cpu`, before `inverse_cdf_draw`; other tokens, same
-    # distribution)
-    "float16_kv_as_of_3ac973d": {"cache": "dynamic", "decode": "compact", "shared_prefix": True,
-                                 "cpu_kernel": True, "kv_cache_dtype": "float16"},
+    # The default as it was (`former_decode`), newest first; the C++ attention is always
+    # today's (the kernel before its dim-major keys, 2026-12-07, is not kept). The recipe's
+    # engine drawing torch.multinomial's tokens (`hf_decode.multinomial_one_cpu`, the CPU draw
+    # before `inverse_cdf_draw`, 2026-12-07; other tokens, the same distribution)
+    "float16_kv+multinomial": {"cache": "dynamic", "decode": "compact", "shared_prefix": True,
+                               "cpu_kernel": True, "kv_cache_dtype": "float16"},
     # ... in float32 (its keys and values as the model computes them), as of bd5bf7f
-    # (2026-12-07): decoder layers called whole (before `hf_step.plain_decoder_layers`
-    # and its C++ rotary) and each row's last prompt token run by a decode step (before
-    # `hf.PREFILL_GIVES_FIRST_TOKEN`; the same tokens up to float order)
+    # (2026-12-07) but for the kernel: decoder layers called whole (before
+    # `hf_step.plain_decoder_layers` and its C++ rotary) and each row's last prompt token run
+    # by a decode step (before `hf.PREFILL_GIVES_FIRST_TOKEN`; the same tokens up to float
+    # order)
     "cpu_kernel_as_of_bd5bf7f": {"cache": "dynamic", "decode": "compact",
                                  "shared_prefix": True, "cpu_kernel": True},
     # ... and without the C++ attention; each prompt prefilled whole (as
@@ -92,8 +93,8 @@ LEVERS = {
     # call (as before 2026-12-03)
     "shared_prefix_before": {"cache": "dynamic", "decode": "compact", "shared_prefix": True},
 }
-FORMER = {"float16_kv_as_of_3ac973d", "cpu_kernel_as_of_bd5bf7f", "shared_prefix_whole_prompts", "shared_prefix_loose_cache",
-          "shared_prefix_one_prefill", "shared_prefix_before"}
+FORMER = {"float16_kv+multinomial", "cpu_kernel_as_of_bd5bf7f", "shared_prefix_whole_prompts",
+          "shared_prefix_loose_cache", "shared_prefix_one_prefill", "shared_prefix_before"}
 DEFAULT_LEVERS = [name for name in LEVERS if "compile" not in name]
 
 
@@ -204,8 +205,9 @@ def decode_matmul(model, rows: int, seconds: float = 0.3) -> dict:
 # The compact decode as it was (FORMER), newest first; each former lever undoes its own change
 # and every newer one (the tokens of `shared_prefix_whole_prompts` and older differ from the
 # default's in float summation order only; among themselves they are the same)
-FORMER_ORDER = ["float16_kv_as_of_3ac973d", "cpu_kernel_as_of_bd5bf7f", "shared_prefix_whole_prompts",
-                "shared_prefix_loose_cache", "shared_prefix_one_prefill", "shared_prefix_before"]
+FORMER_ORDER = ["float16_kv+multinomial", "cpu_kernel_as_of_bd5bf7f",
+                "shared_prefix_whole_prompts", "shared_prefix_loose_cache",
+                "shared_prefix_one_prefill", "shared_prefix_before"]
 
 
 def _undo(former: str, engine) -> dict:
@@ -220,7 +222,7 @@ def _undo(former: str, engine) -> dict:
 
     return {
         # 2026-12-07: one uniform per row (`hf_decode.inverse_cdf_draw`)
-        "float16_kv_as_of_3ac973d": {(hf_decode, "CPU_DRAW"): hf_decode.multinomial_one_cpu},
+        "float16_kv+multinomial": {(hf_decode, "CPU_DRAW"): hf_decode.multinomial_one_cpu},
         # 2026-12-07: decoder layers' arithmetic in the step (`hf_step.plain_decoder_layers`),
         # the first token drawn from the prefill's logits (`hf.PREFILL_GIVES_FIRST_TOKEN`)
         "cpu_kernel_as_of_bd5bf7f": {(hf_step, "plain_decoder_layers"): lambda layers: False,
@@ -327,10 +329,11 @@ def bench_levers(name: str, args) -> dict:
         lever["vs_baseline_cpu"] = round(lever["tokens_per_cpu_s"] / baseline["tokens_per_cpu_s"], 2)
     newest_former = "shared_prefix_whole_prompts"  # the tokens of every older former lever
     # float16 keys and values against float32's; multinomial's draws against the inverse
-    # CDF's (other tokens); bd5bf7f against 3ac973d (both draw multinomial's; float16 too)
+    # CDF's (other tokens); bd5bf7f's step against today's (both draw multinomial's; the
+    # float16 keys and values change tokens too)
     same_as = {"compact+shared_prefix+cpu_kernel+float16_kv": "compact+shared_prefix+cpu_kernel",
-               "float16_kv_as_of_3ac973d": "compact+shared_prefix+cpu_kernel+float16_kv",
-               "cpu_kernel_as_of_bd5bf7f": "float16_kv_as_of_3ac973d"}
+               "float16_kv+multinomial": "compact+shared_prefix+cpu_kernel+float16_kv",
+               "cpu_kernel_as_of_bd5bf7f": "float16_kv+multinomial"}
     for other in FORMER | {"compact+shared_prefix+compile", *same_as}:
         reference = same_as.get(other, newest_former if other in FORMER
                                 and newest_former in first_ids else "compact+shared_prefix")

@@ -54,15 +54,21 @@ def _attend(prefix, layer, query, own_keys, own_values, kernels):
 
 @pytest.mark.parametrize("heads, kv_heads, dim", [(4, 4, 40), (4, 2, 8), (6, 2, 16)])
 @pytest.mark.parametrize("token_major", [False, True])
-def test_kernel_attention_equals_torch_attention(kernels, heads, kv_heads, dim, token_major):
+@pytest.mark.parametrize("length, own_length", [(9, 6), (37, 19)])
+def test_kernel_attention_equals_torch_attention(kernels, heads, kv_heads, dim, token_major,
+                                                 length, own_length):
     """5 prompts x 3 samples, an own cache with room for 2 more tokens per row, or stored
     token-major: equal outputs in every layer, before and after rows leave (prompt 1 loses all
-    of its rows, which the kernel skips while torch drops its keys)."""
+    of its rows, which the kernel skips while torch drops its keys). Prompts shorter than one
+    block of the kernel's prompt scores (16 tokens) and over two, with a block of padding
+    alone; own tokens in 8-token sums and a tail."""
     import torch
 
     generator = torch.Generator().manual_seed(heads * dim)
-    prefix = _prefix(5, 3, kv_heads, 9, dim, generator)
-    rows, own_length = 15, 6
+    prefix = _prefix(5, 3, kv_heads, length, dim, generator)
+    if length > 32:
+        assert (prefix.padding[:, 1] >= 16).any()  # a block of padding, skipped
+    rows = 15
     query = torch.randn(rows, heads, 1, dim, generator=generator)
     if token_major:
         room = torch.randn(own_length + 2, rows, kv_heads, dim, generator=generator)
@@ -81,10 +87,10 @@ def test_kernel_attention_equals_torch_attention(kernels, heads, kv_heads, dim, 
         assert torch.equal(_attend(prefix, layer, query, own_keys, own_values, kernels), got)
         prefix.padding = skipped
     kept = torch.tensor([0, 2, 6, 7, 8, 10, 14])  # prompt 1 (rows 3-5) has none left
-    thinned = _prefix(5, 3, kv_heads, 9, dim, torch.Generator().manual_seed(heads * dim))
+    thinned = _prefix(5, 3, kv_heads, length, dim, torch.Generator().manual_seed(heads * dim))
     thinned.keep(kept)
-    with_kernel = _prefix(5, 3, kv_heads, 9, dim, torch.Generator().manual_seed(heads * dim),
-                          kernels)
+    with_kernel = _prefix(5, 3, kv_heads, length, dim,
+                          torch.Generator().manual_seed(heads * dim), kernels)
     with_kernel.keep(kept)
     assert len(with_kernel.bias) == 5 and len(thinned.bias) == 4  # the kernel's prompts stay
     assert with_kernel.starts.tolist() == [0, 2, 2, 5, 6, 7]
@@ -125,10 +131,21 @@ def test_kernel_masks_padding_among_a_rows_first_own_tokens(kernels):
 def test_kernel_refuses_inconsistent_inputs_instead_of_reading_past_them(kernels):
     import torch
 
-    q, keys, own = torch.randn(4, 2, 8), torch.randn(2, 2, 5, 8), torch.randn(4, 2, 3, 8)
+    from backtrack.engines.cpu_attention import dim_major
+
+    q, plain, own = torch.randn(4, 2, 8), torch.randn(2, 2, 5, 8), torch.randn(4, 2, 3, 8)
+    keys = dim_major(plain, kernels.key_block)
     bias, starts = torch.zeros(2, 5), torch.tensor([0, 2, 4])
     ok = kernels.cascade_scores(q, keys, bias, torch.tensor([[0, 1], [0, 0]]), own, starts, 0.3)
     assert ok.shape == (4, 2, 8)
+    assert dim_major(keys, kernels.key_block) is keys  # already laid out: no copy
+    short = torch.zeros(2 * 2 * 8 * 16 - 1)  # one float short of the last (prompt, head)'s room
+    for layout, message in ((plain, "dim-major"), (plain.transpose(2, 3).contiguous()
+                                                   .transpose(2, 3), "dim-major"),
+                            (short.as_strided((2, 2, 5, 8), (256, 128, 1, 16)), "storage")):
+        with pytest.raises(RuntimeError, match=message):
+            kernels.cascade_scores(q, layout, bias, torch.tensor([[0, 1], [0, 0]]), own, starts,
+                                   0.3)
     for bad, message in (((bias, torch.tensor([[0, 6], [0, 0]]), starts), "out of range"),
                          ((bias, torch.zeros(2, 2, dtype=torch.long), torch.tensor([0, 2, 5])),
                           "span the rows"),

@@ -65,10 +65,15 @@ class SharedPrefix:
             (self.slot == torch.arange(rows, device=self.slot.device) % self.n).all())
 
     def store_for_decode(self) -> None:
-        """The prompts' keys and values in `kv_dtype` for the decode steps (the prefill and
-        the rows' own prefill computed them in the model's dtype)."""
+        """The prompts' keys and values as the decode steps' kernel reads them (the prefill
+        and the rows' own prefill computed them): in `kv_dtype`, the keys dim-major
+        (`cpu_attention.dim_major`: the same tensors, another memory layout)."""
+        if self.kernels is None:
+            return
+        from backtrack.engines.cpu_attention import dim_major
+
+        self.keys = [dim_major(keys, self.kernels.key_block, self.kv_dtype) for keys in self.keys]
         if self.kv_dtype is not None:
-            self.keys = [keys.to(self.kv_dtype) for keys in self.keys]
             self.values = [values.to(self.kv_dtype) for values in self.values]
 
     def mask_own(self, own_mask) -> None:
