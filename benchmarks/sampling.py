@@ -14,7 +14,11 @@ repeated timings) divided by 2 x matmul parameters FLOPs per new token. Each lev
 new tokens/s is the median of `--repeats` calls interleaved with the other levers', by wall
 time and by CPU time of this process (steadier when other jobs share the cores); `occupancy`
 is the share of decoded rows x steps that were new tokens (rows that finished early still
-step until their batch's longest row ends).
+step until their batch's longest row ends). The bound is also timed briefly after each round
+of calls (best of 20 ms per linear): a lever's `share_of_round_bound` is the median over
+rounds of its call's rate over that round's bound, steady where the machine's speed drifts
+between phases (a shared CPU's did by up to 20 % within minutes), which the one bound, a best
+of the whole run against medians of calls, is not.
 
 With `--continuations`, budget forcing's n = 1 continuations of 32 x 16 samples are timed with
 and without the `group_prefixes` engine option (greedy: are the completions identical?).
@@ -306,10 +310,14 @@ def bench_levers(name: str, args) -> dict:
             own_bounds[lever] = own["decode_matmul_flops_per_s"] / own["flops_per_new_token"]
         first = timed_generate(engines[lever], prompts, params, lever)
         first_call_s[lever], first_ids[lever] = first["wall"], first["ids"]
+    round_bounds = []
     for _ in range(args.repeats):
         for lever in args.levers:
             runs.setdefault(lever, []).append(timed_generate(engines[lever], prompts, params,
                                                              lever))
+        rate = decode_matmul(base.model, rows, seconds=0.02)["decode_matmul_flops_per_s"]
+        round_bounds.append(rate / bound["flops_per_new_token"])
+    bound["round_bound_tokens_per_s"] = statistics.median(round_bounds)
     levers = {}
     for lever, timed in runs.items():
         wall_rate = statistics.median(r["tokens"] / r["wall"] for r in timed)
@@ -318,6 +326,8 @@ def bench_levers(name: str, args) -> dict:
             "tokens_per_s": round(wall_rate, 1), "tokens_per_cpu_s": round(cpu_rate, 1),
             "share_of_bound": round(wall_rate / bound["bound_tokens_per_s"], 4),
             "share_of_bound_cpu": round(cpu_rate / bound["bound_tokens_per_s"], 4),
+            "share_of_round_bound": round(statistics.median(
+                r["tokens"] / r["wall"] / b for r, b in zip(timed, round_bounds)), 4),
             "occupancy": round(statistics.median(r["occupancy"] for r in timed), 3),
             "first_call_s": round(first_call_s[lever], 1)}
         if lever in own_bounds:
@@ -395,11 +405,13 @@ def print_levers(r: dict) -> None:
           f"{r['max_new_tokens']}): decode-shape matmul {r['decode_matmul_flops_per_s'] / 1e9:.1f} "
           f"GFLOP/s / {r['flops_per_new_token'] / 1e6:.2f} MFLOP per new token (2 x "
           f"{r['matmul_params']:,.0f} matmul params) -> compute bound "
-          f"{r['bound_tokens_per_s']:,.0f} new tokens/s", flush=True)
+          f"{r['bound_tokens_per_s']:,.0f} new tokens/s (timed between the rounds of calls: "
+          f"median {r['round_bound_tokens_per_s']:,.0f})", flush=True)
     for lever, x in r["levers"].items():
         print(f"  {lever:<32} {x['tokens_per_s']:>8,.0f} tok/s = {100 * x['share_of_bound']:5.1f}% "
               f"of bound ({x['vs_baseline']:.2f}x baseline); {x['tokens_per_cpu_s']:>8,.0f} "
               f"tok/CPU-s = {100 * x['share_of_bound_cpu']:5.1f}% ({x['vs_baseline_cpu']:.2f}x); "
+              f"{100 * x['share_of_round_bound']:.1f}% of its rounds' bounds; "
               f"occupancy {x['occupancy']:.2f}; first call {x['first_call_s']} s"
               + (f"; same tokens as {x['same_tokens_as']}: {x['same_tokens']} "
                  f"({x['same_sequences']} sequences the same)" if "same_tokens" in x else "")
