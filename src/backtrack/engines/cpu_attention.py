@@ -29,12 +29,14 @@ from pathlib import Path
 
 from transformers.cache_utils import DynamicLayer
 
-SOURCE = Path(__file__).with_name("cpu_attention.cpp")
+# the module's sources (cpu_attention.cpp binds them all) and their shared header
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_attention.cpp", "cpu_cache.cpp")]
+HEADERS = [Path(__file__).with_name("cpu_checks.h")]
 
 
 def _build_tag() -> str:
-    """Hash of the source (its bytes and path) and of this CPU's model and instruction-set
-    flags: a -march=native build cached under one home directory must not be loaded on another
+    """Hash of the sources and header (their bytes and paths) and of this CPU's model and
+    instruction-set flags: a -march=native build cached under one home directory must not be loaded on another
     CPU, and two checkouts must not rebuild over each other (torch rebuilds a module whose
     source path changed)."""
     try:
@@ -44,8 +46,10 @@ def _build_tag() -> str:
         text = platform.processor() + platform.machine()
     lines = sorted({line for line in text.splitlines()
                     if line.split(":")[0].strip() in ("model name", "flags", "Features")})
-    described = "\n".join([str(SOURCE.resolve()), *lines]).encode()
-    return hashlib.sha256(SOURCE.read_bytes() + described).hexdigest()[:12]
+    files = SOURCES + HEADERS
+    described = "\n".join([*(str(path.resolve()) for path in files), *lines]).encode()
+    contents = b"".join(path.read_bytes() for path in files)
+    return hashlib.sha256(contents + described).hexdigest()[:12]
 
 
 def build_directory() -> Path:
@@ -72,15 +76,16 @@ def _load_locked(folder: Path):
             (folder / "lock").unlink(missing_ok=True)
         except ImportError:  # no flock (Windows): torch's lock alone
             pass
-        return load(name=folder.name, sources=[str(SOURCE)], build_directory=str(folder),
-                    extra_cflags=["-O3", "-march=native"], verbose=False)
+        return load(name=folder.name, sources=[str(path) for path in SOURCES],
+                    build_directory=str(folder), extra_cflags=["-O3", "-march=native"],
+                    verbose=False)
 
 
 @functools.lru_cache(maxsize=None)
 def load_kernels():
-    """The compiled module (`cascade_scores`, `cascade_values`, `compact_token_rows`,
-    `rotary_append`), or
-    None with a warning when it does not build here."""
+    """The compiled module (`cascade_scores`, `cascade_values`, `key_block`;
+    `compact_token_rows`, `rotary_append` from cpu_cache.cpp), or None with a warning when it
+    does not build here."""
     try:
         return _load_locked(build_directory())
     except Exception as error:  # a missing compiler or ninja, an unsupported flag
