@@ -9,13 +9,13 @@ microsecond per matrix (and, under 400 multiply-adds a matrix, ATen's scalar loo
 keys and values once for all its rows, 8 floats at a time: the same attention, summed in
 another order. The prompts' keys are held dim-major (`dim_major`), so a query's scores over 16
 tokens are vector multiply-adds without horizontal sums, and the values' sums stay in
-registers (1.1-1.7x the kernels before on the toy model's shapes, README). The rows' own
-tokens live token-major (`TokenMajorLayer`): appending a token writes one slab, so that cache
-never moves. torch and transformers have no such CPU kernel,
-and vLLM's CPU attention comes only with a vLLM CPU build, hence this one. It is built on
-first use for this machine's CPU (`-march=native`, ~30 s, cached by torch under
-~/.cache/torch_extensions); where it cannot build (no C++ compiler or ninja) the engine warns
-once and keeps torch's matmuls. One thread. With the engine's `kv_cache_dtype: float16` it
+registers (1.1x the kernels before inside the engine, up to 2x on one layer's cache-warm
+data, README). The rows' own tokens live token-major (`TokenMajorLayer`): appending a token
+writes one slab, so that cache never moves (`cpu_cache.cpp`). torch and transformers have no
+such CPU kernel, and vLLM's CPU attention comes only with a vLLM CPU build, hence this one.
+It is built on first use for this machine's CPU (`-march=native`, ~30 s, cached by torch
+under ~/.cache/torch_extensions); where it cannot build (no C++ compiler or ninja) the engine
+warns once and keeps torch's matmuls. One thread. With the engine's `kv_cache_dtype: float16` it
 reads float16 keys and values (prompts' and own), widened to float as they load: the steps
 wait on memory, and that halves it (1.05-1.10x a call on the toy model, README).
 """
@@ -36,9 +36,9 @@ HEADERS = [Path(__file__).with_name("cpu_checks.h")]
 
 def _build_tag() -> str:
     """Hash of the sources and header (their bytes and paths) and of this CPU's model and
-    instruction-set flags: a -march=native build cached under one home directory must not be loaded on another
-    CPU, and two checkouts must not rebuild over each other (torch rebuilds a module whose
-    source path changed)."""
+    instruction-set flags: a -march=native build cached under one home directory must not be
+    loaded on another CPU, and two checkouts must not rebuild over each other (torch rebuilds
+    a module whose source path changed)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
