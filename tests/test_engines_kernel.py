@@ -48,6 +48,8 @@ def _attend(prefix, layer, query, own_keys, own_values, kernels):
     from backtrack.engines.hf_prefix import shared_prefix_attention
 
     prefix.kernels = kernels
+    if kernels is not None:  # as compact_decode does before its steps (keys dim-major)
+        prefix.store_for_decode()
     return shared_prefix_attention(SimpleNamespace(layer_idx=layer), query, own_keys, own_values,
                                    None, 0.3, shared_prefix=prefix)[0]
 

@@ -87,9 +87,9 @@ def progress_bar(total: int, desc: str, enabled: bool):
 
 
 def timed_generate(engine, prompts: list[str], params: GenerationParams, stats: RunStats):
-    if not stats.engine:  # a protocol's wrapper (budget forcing, two attempts) holds `.engine`
-        inner = getattr(engine, "engine", engine)
-        stats.engine = inner.describe() if hasattr(inner, "describe") else {}
+    if not stats.engine:  # `Engine.describe()`; a protocol's wrapper passes on its engine's
+        describe = getattr(engine, "describe", None)
+        stats.engine = describe() if describe else {}
     start = time.perf_counter()
     outputs = engine.generate(prompts, params)
     stats.engine_seconds += time.perf_counter() - start

@@ -71,6 +71,9 @@ class BudgetForcingEngine:
                                        completion.finish_reason)
         return outputs
 
+    def describe(self) -> dict:
+        return self.engine.describe()
+
     def close(self) -> None:
         self.engine.close()
 
@@ -109,6 +112,9 @@ class TwoAttemptEngine:
                 extra={"attempt1": first.text, "attempt1_finish_reason": first.finish_reason,
                        "attempt1_new_tokens": first.new_tokens, "second_attempt": self.form})
         return outputs
+
+    def describe(self) -> dict:
+        return self.engine.describe()
 
     def close(self) -> None:
         self.engine.close()

@@ -114,9 +114,9 @@ def cascade_attention(kernels, query, key, value, prefix, layer: int, scaling: f
     q = query.reshape(rows, heads, dim)
     bias = prefix.bias.reshape(prefix.bias.shape[0], -1)
     own_bias = None if prefix.own_bias is None else prefix.own_bias.reshape(rows, -1)
-    keys = dim_major(prefix.keys[layer], kernels.key_block)  # as `store_for_decode` left them
-    scores = kernels.cascade_scores(q, keys, bias, prefix.padding, key, prefix.starts, scaling,
-                                    own_bias)
+    # the keys dim-major, as `SharedPrefix.store_for_decode` left them (the kernel checks)
+    scores = kernels.cascade_scores(q, prefix.keys[layer], bias, prefix.padding, key,
+                                    prefix.starts, scaling, own_bias)
     weights = scores.softmax(-1)
     out = kernels.cascade_values(weights, prefix.values[layer], prefix.padding, value,
                                  prefix.starts)
