@@ -73,6 +73,11 @@ LEVERS = {
     # what Muon buys is fewer of them (toy_base_learning.py compares held-out loss).
     "adamw": ({"optimizer": "adamw", "lr": 3e-3}, {}),
     "muon_lr3e-3": ({"lr": 3e-3}, {}),
+    # Muon orthogonalising in torch's bfloat16 or in float32 (`toy_base.newton_schulz`; the
+    # default, auto, takes bfloat16 only where the CPU multiplies it natively: on an AVX2 CPU
+    # bf16 products run in ATen's scalar loop, README)
+    "muon_ns_bfloat16": ({"newton_schulz": "bfloat16"}, {}),
+    "muon_ns_float32": ({"newton_schulz": "float32"}, {}),
 }
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from backtrack import optimizers
 from backtrack.optimizers import hidden_matrices, muon_with_adamw
 
 
@@ -44,7 +45,8 @@ def test_one_step_changes_every_parameter_and_muons_own_update():
     """Every parameter moves, and a block matrix moves exactly as torch's Muon alone moves it."""
     model = _tiny_llama()
     before = copy.deepcopy(model)
-    _step(model, muon_with_adamw(model, lr=1e-2, weight_decay=0.0), seed=1)
+    _step(model, muon_with_adamw(model, lr=1e-2, weight_decay=0.0, newton_schulz="bfloat16"),
+          seed=1)
     for (name, old), new in zip(before.named_parameters(), model.parameters()):
         assert not torch.equal(old, new), name
 
@@ -85,3 +87,52 @@ def test_state_dict_round_trip_continues_bitwise(at):
         _step(resumed, fresh, seed)
     for (name, a), b in zip(model.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("shape", [(24, 16), (16, 24), (432, 160)])
+def test_float32_newton_schulz_orthogonalises_as_torchs_bfloat16_one(shape):
+    """The same iterations: torch's bf16 result within bf16 rounding, singular values in the
+    band Muon's quintic leaves them (~0.5-1.5 rather than 1)."""
+    from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, _zeropower_via_newtonschulz
+
+    grad = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+    args = ((DEFAULT_A, DEFAULT_B, DEFAULT_C), 5, 1e-7)
+    ours = optimizers._newton_schulz_float32(grad, *args)
+    assert ours.dtype == torch.float32 and ours.shape == grad.shape
+    torch.testing.assert_close(ours, _zeropower_via_newtonschulz(grad, *args).float(),
+                               rtol=0, atol=0.03)
+    singular = torch.linalg.svdvals(ours)
+    assert 0.4 < float(singular.min()) and float(singular.max()) < 1.6
+
+
+def test_newton_schulz_auto_is_bfloat16_only_where_the_cpu_multiplies_it(monkeypatch):
+    monkeypatch.setattr(optimizers, "fast_bf16_matmul", lambda: False)
+    assert optimizers.newton_schulz_dtype("auto") == "float32"
+    assert optimizers.newton_schulz_dtype("bfloat16") == "bfloat16"
+    monkeypatch.setattr(optimizers, "fast_bf16_matmul", lambda: True)
+    assert optimizers.newton_schulz_dtype("auto") == "bfloat16"
+    assert optimizers.newton_schulz_dtype("float32") == "float32"
+    with pytest.raises(ValueError, match="newton_schulz"):
+        optimizers.newton_schulz_dtype("fp8")
+
+
+def test_a_float32_step_orthogonalises_in_float32_then_gives_torch_its_own_back():
+    """A block matrix moves as torch's Muon moves it with float32 iterations, not as with
+    bf16 ones, and torch's function is back after the step."""
+    from torch.optim import _muon
+
+    own = _muon._zeropower_via_newtonschulz
+    before = _tiny_llama()
+    moved = {}
+    for dtype in ("float32", "bfloat16"):
+        model = copy.deepcopy(before)
+        _step(model, muon_with_adamw(model, lr=1e-2, weight_decay=0.0, newton_schulz=dtype), 1)
+        moved[dtype] = model.model.layers[0].mlp.up_proj.weight
+    assert _muon._zeropower_via_newtonschulz is own
+    reference = copy.deepcopy(before)
+    weight = reference.model.layers[0].mlp.up_proj.weight
+    alone = torch.optim.Muon([weight], lr=1e-2, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
+    with optimizers.float32_newton_schulz():
+        _step(reference, alone, seed=1)
+    torch.testing.assert_close(weight, moved["float32"], rtol=0, atol=0)
+    assert not torch.equal(moved["float32"], moved["bfloat16"])

@@ -105,6 +105,24 @@ def test_later_fields_enter_the_hash_only_when_set():
         assert config_hash(ToyBaseConfig(**{field: value})) != config_hash(base)
 
 
+def test_the_hash_keys_the_newton_schulz_dtype_muon_resolves_to(monkeypatch):
+    """auto where bf16 is fast = bfloat16 = the key before the option existed; auto where it
+    is not = float32 (other weights), a key of its own."""
+    from backtrack import optimizers
+
+    monkeypatch.setattr(optimizers, "fast_bf16_matmul", lambda: True)
+    base = config_hash(ToyBaseConfig())
+    assert config_hash(ToyBaseConfig(newton_schulz="bfloat16")) == base
+    float32 = config_hash(ToyBaseConfig(newton_schulz="float32"))
+    assert float32 != base
+    monkeypatch.setattr(optimizers, "fast_bf16_matmul", lambda: False)
+    assert config_hash(ToyBaseConfig()) == float32
+    assert config_hash(ToyBaseConfig(newton_schulz="bfloat16")) == base
+    adamw = ToyBaseConfig(optimizer="adamw")  # no Muon: no orthogonalisation to key
+    assert config_hash(adamw) == config_hash(ToyBaseConfig(optimizer="adamw",
+                                                           newton_schulz="bfloat16"))
+
+
 @pytest.mark.parametrize("bad", [dict(correction_rate=1.5), dict(hidden=30, heads=4),
                                  dict(steps=0), dict(retry_phrases=[]), dict(micro_batches=3),
                                  dict(micro_batches=2, pack_length=256)])

@@ -33,7 +33,8 @@ STEPS = 232  # the default training length (ToyBaseConfig.steps)
 
 # Fields added after models were cached: part of the key only when not at their default, so
 # the caches of configs that leave them alone stay valid.
-HASHED_IF_SET = ("pack_length", "torch_compile", "length_grouped", "micro_batches")
+HASHED_IF_SET = ("pack_length", "torch_compile", "length_grouped", "micro_batches",
+                 "newton_schulz")
 
 
 @dataclass
@@ -67,6 +68,12 @@ class ToyBaseConfig(CommonConfig):
                                     f"{STEPS} steps (README). adamw: AdamW on everything (the "
                                     "default before CORPUS_VERSION 6).",
                             choices=("adamw", "muon"))
+    newton_schulz: str = option("auto", "The dtype Muon orthogonalises in. auto: bfloat16 "
+                                        "(torch's) where the CPU multiplies it natively "
+                                        "(AVX512_BF16, AMX), float32 elsewhere, where bf16 "
+                                        "products take ~16x float32's (AVX2: 2x the step "
+                                        "time; optimizers.py). The choice is in run.json.",
+                                choices=("auto", "bfloat16", "float32"))
     corpus_size: int = option(0, "Distinct transcripts in the corpus; 0 = steps x batch_size "
                                  "(one pass, no repeats).")
     correction_rate: float = option(0.25, "Share of transcripts with a self-correction (0-1).")
@@ -135,8 +142,18 @@ def config_hash(config: ToyBaseConfig) -> str:
     defaults = ToyBaseConfig()
     values = {k: v for k, v in hashed_values(config).items()
               if not (k in HASHED_IF_SET and v == getattr(defaults, k))}
+    values.pop("newton_schulz", None)  # keyed by what it resolves to: float32 changes weights
+    if config.optimizer == "muon" and _newton_schulz(config) == "float32":
+        values["newton_schulz"] = "float32"
     values["corpus_version"] = CORPUS_VERSION
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _newton_schulz(config: ToyBaseConfig) -> str:
+    """The dtype Muon orthogonalises in on this machine (`optimizers.newton_schulz_dtype`)."""
+    from backtrack.optimizers import newton_schulz_dtype
+
+    return newton_schulz_dtype(config.newton_schulz)
 
 
 def outputs(config: ToyBaseConfig) -> list[Path]:
@@ -248,7 +265,8 @@ def make_trainer(model, tokenizer, corpus, config: ToyBaseConfig, work_dir: Path
     if config.optimizer == "muon":
         from backtrack.optimizers import muon_with_adamw
 
-        optimizers = (muon_with_adamw(model, config.lr, config.weight_decay), None)
+        optimizers = (muon_with_adamw(model, config.lr, config.weight_decay,
+                                      config.newton_schulz), None)
     collator = (PackingCollator(tokenizer.pad_token_id, config.pack_length) if config.pack_length
                 else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
     return trainer_class(
@@ -331,6 +349,8 @@ def train_and_save(task, config: ToyBaseConfig, model_dir: Path) -> dict:
     model = build_model(tokenizer, config)
     extra = train(model, tokenizer, corpus, config, work, resume_from)
     extra["parameters"] = sum(p.numel() for p in model.parameters())
+    if config.optimizer == "muon":
+        extra["newton_schulz"] = _newton_schulz(config)
     _save(model, tokenizer, model_dir)
     extra["greedy_accuracy"] = greedy_accuracy(model_dir, task, config.eval_problems)
     write_text(model_dir / "toy_base.json", json.dumps(extra, indent=1) + "\n")
