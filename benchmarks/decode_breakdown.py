@@ -56,9 +56,8 @@ def instrument(engine, totals: Counter) -> None:
     hf_step.shared_prefix_attention = attention
     hf_step.F = SimpleNamespace(**{name: getattr(hf_step.F, name) for name in dir(hf_step.F)})
     hf_step.F.linear = timed(totals, "  linears in {phase}", torch.nn.functional.linear, phase)
-    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    ALL_ATTENTION_FUNCTIONS._global_mapping["sdpa"] = timed(totals, "  attention in {phase}",
-                                                            sdpa, phase)
+    # (sdpa, which the prefill's attention calls, is inside the wrapper above: wrapping it
+    # too counted the prefill's attention twice, as this script did until 2026-12-07)
     for module in engine.model.modules():
         if isinstance(module, torch.nn.Linear):
             module.forward = timed(totals, "  linears in {phase}", module.forward, phase)
