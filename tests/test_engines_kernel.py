@@ -308,6 +308,13 @@ def test_engine_gives_the_same_tokens_with_the_kernel(kernels, engines):
     params = dict(n=1, temperature=1.0, max_new_tokens=10, seed=2)
     assert (_completions(grouped[0], continuations, **params)
             == _completions(grouped[1], continuations, **params))
+    # two own tokens a row after the shared prompt: the rows' own prefill is one token a row,
+    # so it reaches the kernel before the decode has laid the prompts' keys out
+    two_own = [prompts[0] + "<think>" + digits for digits in ("12", "34", "56")]
+    ids = [grouped[0].encode(text) for text in two_own]
+    assert len({tuple(row[:-2]) for row in ids}) == 1 and len({row[-2] for row in ids}) == 3
+    assert (_completions(grouped[0], two_own, **params)
+            == _completions(grouped[1], two_own, **params))
 
 
 def test_float16_kv_cache_holds_the_decodes_keys_and_values_as_float16(kernels, engines):
