@@ -108,6 +108,9 @@ def test_float32_newton_schulz_orthogonalises_as_torchs_bfloat16_one(shape):
 def test_newton_schulz_auto_is_bfloat16_only_where_the_cpu_multiplies_it(monkeypatch):
     monkeypatch.setattr(optimizers, "fast_bf16_matmul", lambda: False)
     assert optimizers.newton_schulz_dtype("auto") == "float32"
+    assert optimizers.newton_schulz_dtype("auto", "cuda") == "bfloat16"  # GPUs: torch's
+    model = _tiny_llama()
+    assert muon_with_adamw(model, lr=1e-2, weight_decay=0.0).newton_schulz == "float32"
     assert optimizers.newton_schulz_dtype("bfloat16") == "bfloat16"
     monkeypatch.setattr(optimizers, "fast_bf16_matmul", lambda: True)
     assert optimizers.newton_schulz_dtype("auto") == "bfloat16"

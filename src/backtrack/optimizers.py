@@ -34,12 +34,13 @@ def fast_bf16_matmul() -> bool:
         return False
 
 
-def newton_schulz_dtype(choice: str) -> str:
-    """The dtype Muon orthogonalises in: `choice`, or for "auto" bfloat16 where it is fast."""
+def newton_schulz_dtype(choice: str, device: str = "cpu") -> str:
+    """The dtype Muon orthogonalises in: `choice`, or for "auto" bfloat16 where it is fast
+    (off the CPU always: GPUs multiply bf16 natively)."""
     if choice not in NEWTON_SCHULZ:
         raise ValueError(f"newton_schulz: one of {NEWTON_SCHULZ}, got {choice!r}")
     if choice == "auto":
-        return "bfloat16" if fast_bf16_matmul() else "float32"
+        return "bfloat16" if device != "cpu" or fast_bf16_matmul() else "float32"
     return choice
 
 
@@ -79,8 +80,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
     def __init__(self, muon_params, adamw_decay, adamw_no_decay, lr: float,
                  weight_decay: float, betas=(0.9, 0.999), momentum: float = 0.95,
                  newton_schulz: str = "auto"):
-        self.newton_schulz = newton_schulz_dtype(newton_schulz)
-        self._muon = torch.optim.Muon(list(muon_params), lr=lr, weight_decay=weight_decay,
+        muon_params = list(muon_params)
+        device = muon_params[0].device.type if muon_params else "cpu"
+        self.newton_schulz = newton_schulz_dtype(newton_schulz, device)
+        self._muon = torch.optim.Muon(muon_params, lr=lr, weight_decay=weight_decay,
                                       momentum=momentum, adjust_lr_fn="match_rms_adamw")
         adamw_groups = [{"params": list(adamw_decay), "weight_decay": weight_decay},
                         {"params": list(adamw_no_decay), "weight_decay": 0.0}]
