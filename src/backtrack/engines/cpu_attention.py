@@ -114,12 +114,10 @@ def cascade_attention(kernels, query, key, value, prefix, layer: int, scaling: f
     q = query.reshape(rows, heads, dim)
     bias = prefix.bias.reshape(prefix.bias.shape[0], -1)
     own_bias = None if prefix.own_bias is None else prefix.own_bias.reshape(rows, -1)
-    # the keys dim-major, as `SharedPrefix.store_for_decode` left them (the kernel checks);
-    # before it, a prefill of rows' own tokens one a row (a chunk of rows with two own tokens
-    # each) lays them out for the call, as they are (float32)
-    keys = prefix.keys[layer]
-    if not prefix.for_decode:
-        keys = dim_major(keys, kernels.key_block)
+    # the keys dim-major: as `SharedPrefix.store_for_decode` left them (then this returns
+    # them as they are), or laid out here for a prefill of rows' own tokens one a row, which
+    # runs before it (a chunk of rows with two own tokens each)
+    keys = dim_major(prefix.keys[layer], kernels.key_block)
     scores = kernels.cascade_scores(q, keys, bias, prefix.padding, key, prefix.starts, scaling,
                                     own_bias)
     weights = scores.softmax(-1)

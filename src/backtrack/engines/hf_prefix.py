@@ -41,7 +41,6 @@ class SharedPrefix:
         self.kernels = kernels  # `cpu_attention.load_kernels()`: decode steps use its attention
         # the decode's keys and values in this dtype (`store_for_decode`; the kernel's float16)
         self.kv_dtype = kv_dtype if kernels is not None else None
-        self.for_decode = False  # `store_for_decode` has laid the prompts' keys out
         self._scores_bias = None  # (shape key, bias): one step's own-token mask, all layers
         if group is None:  # n rows per prompt, in prompt order
             rows = torch.arange(prompts * n, device=prompt_mask.device)
@@ -73,7 +72,6 @@ class SharedPrefix:
             return
         from backtrack.engines.cpu_attention import dim_major
 
-        self.for_decode = True
         self.keys = [dim_major(keys, self.kernels.key_block, self.kv_dtype) for keys in self.keys]
         if self.kv_dtype is not None:
             self.values = [values.to(self.kv_dtype) for values in self.values]
