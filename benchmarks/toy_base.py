@@ -49,7 +49,7 @@ LEVERS = {
     "batch128+compile": (padded(batch_size=128, torch_compile=True), {}),
     # Batches of transcripts of similar length (transformers' LengthGroupedSampler): no
     # padding without packing's longer attention rows. Faster per token, but the tiny model
-    # learns far worse from length-sorted batches (README), so it is not the default.
+    # learns far worse from length-sorted batches (docs/SPEED.md), so it is not the default.
     "group": (padded(length_grouped=True), {}),
     "group+compile": (padded(length_grouped=True, torch_compile=True), {}),
     # Each random batch split into micro-batches of similar length (transformers'
@@ -75,7 +75,7 @@ LEVERS = {
     "muon_lr3e-3": ({"lr": 3e-3}, {}),
     # Muon orthogonalising in torch's bfloat16 or in float32 (`toy_base.newton_schulz`; the
     # default, auto, takes bfloat16 only where the CPU multiplies it natively: on an AVX2 CPU
-    # bf16 products run in ATen's scalar loop, README)
+    # bf16 products run in ATen's scalar loop, docs/SPEED.md)
     "muon_ns_bfloat16": ({"newton_schulz": "bfloat16"}, {}),
     "muon_ns_float32": ({"newton_schulz": "float32"}, {}),
 }

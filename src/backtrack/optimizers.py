@@ -12,8 +12,8 @@ state: the scheduler sets every group's `lr`, and Trainer's checkpoints save and
 torch's Muon runs its Newton-Schulz iterations in bfloat16, as Muon's authors do on GPUs. A
 CPU without bf16 matrix instructions (AVX2 machines such as Zen 3) multiplies bf16 in ATen's
 scalar loop: one 432 x 160 orthogonalisation took 44 ms there against 1.75 ms with AVX512_BF16
-and 2.8 ms in float32 (oneDNN limited to AVX2 on the Zen 4 machine, README), which doubled the
-toy base's step time. So `newton_schulz: auto` keeps bfloat16 where oneDNN multiplies it
+and 2.8 ms in float32 (oneDNN limited to AVX2 on the Zen 4 machine, docs/SPEED.md), which
+doubled the toy base's step time. So `newton_schulz: auto` keeps bfloat16 where oneDNN multiplies it
 natively and runs the same iterations in float32 elsewhere (`float32_newton_schulz`).
 """
 

@@ -95,7 +95,7 @@ class ToyBaseConfig(CommonConfig):
     length_grouped: bool = option(False, "Batch transcripts of similar length together "
                                          "(transformers' LengthGroupedSampler): no padding, "
                                          "1.4x tokens/s, but the tiny model learns far worse "
-                                         "from such batches (README); off = random batches.")
+                                         "from such batches (docs/SPEED.md); off = random batches.")
     micro_batches: int = option(4, "Split each random batch into this many micro-batches of "
                                    "similar length (transformers' batch_rebalance sampler, "
                                    "gradient accumulation): the same transcripts and loss per "

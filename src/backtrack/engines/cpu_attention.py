@@ -5,19 +5,19 @@ With `shared_prefix`, one decode step's attention is, per prompt and kv head, an
 tiny matrices per layer. torch sends them to MKL's batched gemm, which spends about a
 microsecond per matrix (and, under 400 multiply-adds a matrix, ATen's scalar loop: the first
 ~10 own tokens), so on the toy model the attention read its keys and values at ~5 GB/s of the
-~17.5 GB/s this CPU streams (README). The two loops in `cpu_attention.cpp` read each prompt's
+~17.5 GB/s this CPU streams (docs/SPEED.md). The two loops in `cpu_attention.cpp` read each prompt's
 keys and values once for all its rows, 8 floats at a time: the same attention, summed in
 another order. The prompts' keys are held dim-major (`dim_major`), so a query's scores over 16
 tokens are vector multiply-adds without horizontal sums, and the values' sums stay in
 registers (1.1x the kernels before inside the engine, up to 2x on one layer's cache-warm
-data, README). The rows' own tokens live token-major (`TokenMajorLayer`): appending a token
+data, docs/SPEED.md). The rows' own tokens live token-major (`TokenMajorLayer`): appending a token
 writes one slab, so that cache never moves (`cpu_cache.cpp`). torch and transformers have no
 such CPU kernel, and vLLM's CPU attention comes only with a vLLM CPU build, hence this one.
 It is built on first use for this machine's CPU (`-march=native`, ~30 s, cached by torch
 under ~/.cache/torch_extensions); where it cannot build (no C++ compiler or ninja) the engine
 warns once and keeps torch's matmuls. One thread. With the engine's `kv_cache_dtype: float16` it
 reads float16 keys and values (prompts' and own), widened to float as they load: the steps
-wait on memory, and that halves it (1.05-1.10x a call on the toy model, README).
+wait on memory, and that halves it (1.05-1.10x a call on the toy model, docs/SPEED.md).
 """
 
 from __future__ import annotations

@@ -29,9 +29,9 @@ class DecodeBuffers:
     A fresh tensor of tens of MB is new memory from the OS on every call (glibc maps
     allocations over 32 MB freshly), so each decode step's cache write faults in new pages and
     the attention reads of the new pages are slow too: 36 steps' cache writes at 512 rows of
-    the toy model took 11-69 ms into fresh memory against 2 ms into kept memory (README). CUDA's
-    caching allocator already reuses memory, so there `keep` is off. Contents are garbage
-    until written, like `new_empty`'s."""
+    the toy model took 11-69 ms into fresh memory against 2 ms into kept memory
+    (docs/SPEED.md). CUDA's caching allocator already reuses memory, so there `keep` is off.
+    Contents are garbage until written, like `new_empty`'s."""
 
     def __init__(self, keep: bool = True):
         self.keep = keep
@@ -61,7 +61,7 @@ def hold_freed_memory() -> bool:
     prefill's [16 x 54 x 432] activations) then fault in new zeroed pages each time, 4-8 k
     page faults a call at 32 prompts x 4 on the toy model. Keeping up to 256 MB free in the
     heap and serving blocks under 32 MB from it: 0 faults, the prefill 62-66 ms against 73-76
-    and a call 374-390 against 395-410 ms (3 alternating process pairs, README). torch has no
+    and a call 374-390 against 395-410 ms (3 alternating process pairs, docs/SPEED.md). torch has no
     CPU caching allocator to ask instead (PyTorch's CPU tuning guide suggests preloading
     jemalloc or tcmalloc for the same reason). No-op off glibc."""
     import ctypes
@@ -88,7 +88,7 @@ class PreallocatedLayer(DynamicLayer):
     (row, head)'s keys then sit at most s slots apart from the next one's. On a CPU that gap
     decides the attention's speed: the own-token matmuls over a [128 x 4 x 30 x 40] cache read
     at most 2 slots apart took 258-298 us, 3 or more slots apart 670-790 us out of cache
-    (`benchmarks/cache_gaps.py`, README). Moving costs a copy of the filled part every s + 1
+    (`benchmarks/cache_gaps.py`, docs/SPEED.md). Moving costs a copy of the filled part every s + 1
     steps."""
 
     def __init__(self, layer: DynamicLayer, capacity: int, buffers: DecodeBuffers | None = None,
@@ -174,7 +174,7 @@ def inverse_cdf_draw(probs, generator):
 
     torch.multinomial draws one sample as argmax(probs / q) over one Exp(1) draw q per
     vocabulary entry; on CPU those random numbers were most of a draw (a toy step's [128 x
-    501]: ~0.55 of 0.8 ms, README), and one uniform per row needs none of them. Each token
+    501]: ~0.55 of 0.8 ms, docs/SPEED.md), and one uniform per row needs none of them. Each token
     comes with its probability up to float64 rounding, as multinomial's; the tokens for a seed
     are others (`multinomial_one_cpu` gives multinomial's). A zero-probability token (a
     suppressed one, or past top-p) is never drawn: its running sum equals the one before it,

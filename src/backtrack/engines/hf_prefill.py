@@ -40,7 +40,7 @@ def prefill_in_chunks(model, input_ids, mask, positions, rows_per_chunk: int, ch
     needs little padding where the whole batch needs the longest row's (17 % of the toy
     recipe's prompt prefill, 61 % of budget forcing's continuations). Small chunks also keep a
     forward's intermediates small: in one batch of 512 continuations the shared-prefix
-    attention's scores reach ~100 MB per layer, fresh memory each call (README). 32 prompts
+    attention's scores reach ~100 MB per layer, fresh memory each call (docs/SPEED.md). 32 prompts
     of the toy recipe's sampling prefill in 90-95 ms instead of 123 ms in chunks of 8-16, 128
     prompts in 410-440 instead of 658 ms."""
     import torch
@@ -94,7 +94,7 @@ def prompt_prefill(model, input_ids, mask, positions, share_start: bool = False,
 
     A task's prompts share their system turn: 26 of the toy prompts' ~67 tokens, 39 % of the
     prompt prefill (32 prompts of the sampling shape: 124-134 ms whole, 79 ms with the start
-    run once, README). The rest's keys are the same up to float summation order (~2e-6).
+    run once, docs/SPEED.md). The rest's keys are the same up to float summation order (~2e-6).
     `buffers`: as `prefill_in_chunks`'."""
     import torch
     from transformers import DynamicCache
@@ -152,7 +152,7 @@ def own_prefill_in_chunks(model, input_ids, mask, positions, prefix):
     """Rows' first own tokens into their own cache (returned) through the shared-prefix
     attention, `OWN_PREFILL_ROWS` rows at a time (`prefill_in_chunks`); `prefix` masks their
     padding from then on. In one batch, this prefill took 2.65 s of a 5.1 s budget-forcing
-    continuation call (512 rows), the decode 1.6 s; in chunks 0.4 s (README)."""
+    continuation call (512 rows), the decode 1.6 s; in chunks 0.4 s (docs/SPEED.md)."""
     prefix.mask_own(mask)
 
     def chunk_setup(start, end, first):

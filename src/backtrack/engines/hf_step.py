@@ -10,7 +10,7 @@ of ~8 ms at 128 rows) that glue is most of what is neither a matmul nor the atte
 decoder layers of transformers' Llama form (`plain_decoder_layers`: plain nn.Linear
 projections, RMSNorms, a SiLU MLP, no hooks) the step runs the layer's arithmetic here on the
 modules' weights (`PlainLayer`): the same operations in the same order, the same logits bit for
-bit (tests/test_engines_speed.py), ~22 ms sooner per 32 x 4 sampling call (6 %, README); with
+bit (tests/test_engines_speed.py), ~22 ms sooner per 32 x 4 sampling call (6 %, docs/SPEED.md); with
 `cpu_kernel` the rotary and the cache write are one C++ call (`TokenMajorLayer.append_rotated`).
 Any other layer (LoRA or quantized linears, a Qwen3 attention's q_norm, hooks) is called whole.
 No transformers API runs a decoder stack without this glue.
@@ -159,7 +159,7 @@ def compiled_step(model):
     attention's softmax) around the matmuls; the rows, the prompts and the filled cache length
     change from step to step, hence dynamic shapes: three graphs on the toy model, ~80 s to
     compile in a fresh process (~20 s with inductor's disk cache warm), then 1.2x the
-    uncompiled step at batch 128 on a CPU (README). The decoder layers are called whole:
+    uncompiled step at batch 128 on a CPU (docs/SPEED.md). The decoder layers are called whole:
     inductor fuses what `PlainLayer` saves, and traced through `PlainLayer` the first call
     compiled for 435 s instead of ~80, then ran slower."""
     step = shared_prefix_step(model, plain=False)
