@@ -116,12 +116,11 @@ class MuonWithAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        in_float32 = self.newton_schulz == "float32"
-        for inner in (self._muon, self._adamw):
-            if inner.param_groups:
-                with float32_newton_schulz() if inner is self._muon and in_float32 \
-                        else nullcontext():
-                    inner.step()
+        if self._muon.param_groups:
+            with float32_newton_schulz() if self.newton_schulz == "float32" else nullcontext():
+                self._muon.step()
+        if self._adamw.param_groups:
+            self._adamw.step()
         return loss
 
 
