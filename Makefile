@@ -9,7 +9,7 @@ LOCK := requirements/lock.txt
 NO_DEPS := requirements/no-deps.txt
 LOCK_VENV := .lock-venv
 
-.PHONY: install lock demo test bench lint clean
+.PHONY: install lock demo test bench clean
 
 install: $(STAMP)
 

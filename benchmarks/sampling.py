@@ -40,69 +40,11 @@ import argparse
 import json
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
-# name: hf engine options (compile pays its compile in an untimed first call, reported apart)
-LEVERS = {
-    "baseline": {},
-    "dynamic": {"cache": "dynamic"},
-    "eager": {"attn_implementation": "eager"},
-    "attend_filled": {"attend_filled": True},
-    "eager+attend_filled": {"attn_implementation": "eager", "attend_filled": True},
-    "attend_filled+compile": {"attend_filled": True, "compile": True},
-    "compact": {"cache": "dynamic", "decode": "compact"},
-    "compact+eager": {"cache": "dynamic", "decode": "compact", "attn_implementation": "eager"},
-    "compact+shared_prefix": {"cache": "dynamic", "decode": "compact", "shared_prefix": True},
-    "compact+shared_prefix+compile": {"cache": "dynamic", "decode": "compact",
-                                      "shared_prefix": True, "compile": True},
-    # the toy recipe's engine: the decode attention in C++ (`engines/cpu_attention`; built in
-    # the untimed first call when not cached)
-    "compact+shared_prefix+cpu_kernel": {"cache": "dynamic", "decode": "compact",
-                                         "shared_prefix": True, "cpu_kernel": True},
-    # ... with the decode's keys and values held as float16 (half the memory the kernel
-    # reads; rounded keys and values, so it reports how many sequences are the same)
-    "compact+shared_prefix+cpu_kernel+float16_kv": {"cache": "dynamic", "decode": "compact",
-                                                    "shared_prefix": True, "cpu_kernel": True,
-                                                    "kv_cache_dtype": "float16"},
-    # bf16 weights (fast where the CPU has bf16 instructions, e.g. AVX512_BF16); its share is
-    # also given of its own bound, at the bf16 matmul rate (`share_of_own_bound`)
-    "compact+shared_prefix+bf16": {"cache": "dynamic", "decode": "compact",
-                                   "shared_prefix": True, "dtype": "bfloat16"},
-    # The default as it was (`former_decode`), newest first; the C++ attention is always
-    # today's (the kernel before its dim-major keys, 2026-12-07, is not kept). The recipe's
-    # engine drawing torch.multinomial's tokens (`hf_decode.multinomial_one_cpu`, the CPU draw
-    # before `inverse_cdf_draw`, 2026-12-07; other tokens, the same distribution)
-    "float16_kv+multinomial": {"cache": "dynamic", "decode": "compact", "shared_prefix": True,
-                               "cpu_kernel": True, "kv_cache_dtype": "float16"},
-    # ... in float32 (its keys and values as the model computes them), as of bd5bf7f
-    # (2026-12-07) but for the kernel: decoder layers called whole (before
-    # `hf_step.plain_decoder_layers` and its C++ rotary) and each row's last prompt token run
-    # by a decode step (before `hf.PREFILL_GIVES_FIRST_TOKEN`; the same tokens up to float
-    # order)
-    "cpu_kernel_as_of_bd5bf7f": {"cache": "dynamic", "decode": "compact",
-                                 "shared_prefix": True, "cpu_kernel": True},
-    # ... and without the C++ attention; each prompt prefilled whole (as
-    # before `hf_prefill.common_start`, 2026-12-07; another float summation order, so other
-    # tokens; the levers below give its tokens)
-    "shared_prefix_whole_prompts": {"cache": "dynamic", "decode": "compact",
-                                    "shared_prefix": True},
-    # ... and each row's own cache sized for the whole generation, the rows always grouped by
-    # scatter and gather (as before `hf_decode.CACHE_SLACK` and `SharedPrefix.full`,
-    # 2026-12-07; the same tokens as the lever above)
-    "shared_prefix_loose_cache": {"cache": "dynamic", "decode": "compact", "shared_prefix": True},
-    # ... and the prompts prefilled in one batch, padded to the longest (as before
-    # `hf_prefill.prefill_in_chunks`, 2026-12-03)
-    "shared_prefix_one_prefill": {"cache": "dynamic", "decode": "compact", "shared_prefix": True},
-    # ... and torch.multinomial, the model's full forward per step, fresh cache memory per
-    # call (as before 2026-12-03)
-    "shared_prefix_before": {"cache": "dynamic", "decode": "compact", "shared_prefix": True},
-}
-# The toy recipe's engine, and the share of its compute bound the toy world targets at batch 128
-RECIPE_LEVER, TARGET_SHARE = "compact+shared_prefix+cpu_kernel+float16_kv", 0.30
-FORMER = {"float16_kv+multinomial", "cpu_kernel_as_of_bd5bf7f", "shared_prefix_whole_prompts",
-          "shared_prefix_loose_cache", "shared_prefix_one_prefill", "shared_prefix_before"}
-DEFAULT_LEVERS = [name for name in LEVERS if "compile" not in name]
+from sampling_levers import (  # noqa: E402  (benchmarks/ is the script's folder)
+    DEFAULT_LEVERS, FORMER, LEVERS, RECIPE_LEVER, TARGET_SHARE, former_decode)
+
 
 
 def toy_model_path(output_dir: str) -> str:
@@ -209,68 +151,6 @@ def decode_matmul(model, rows: int, seconds: float = 0.3) -> dict:
             "flops_per_new_token": 2 * matmul_params}
 
 
-# The compact decode as it was (FORMER), newest first; each former lever undoes its own change
-# and every newer one (the tokens of `shared_prefix_whole_prompts` and older differ from the
-# default's in float summation order only; among themselves they are the same)
-FORMER_ORDER = ["float16_kv+multinomial", "cpu_kernel_as_of_bd5bf7f",
-                "shared_prefix_whole_prompts", "shared_prefix_loose_cache",
-                "shared_prefix_one_prefill", "shared_prefix_before"]
-
-
-def _undo(former: str, engine) -> dict:
-    """(module, attribute) -> the value it had before `former`'s change."""
-    from backtrack.engines import hf, hf_decode, hf_prefill, hf_prefix, hf_step
-
-    index_rows = hf_prefix.SharedPrefix._index_rows
-
-    def never_full(prefix):
-        index_rows(prefix)
-        prefix.full = False
-
-    return {
-        # 2026-12-07: one uniform per row (`hf_decode.inverse_cdf_draw`)
-        "float16_kv+multinomial": {(hf_decode, "CPU_DRAW"): hf_decode.multinomial_one_cpu},
-        # 2026-12-07: decoder layers' arithmetic in the step (`hf_step.plain_decoder_layers`),
-        # the first token drawn from the prefill's logits (`hf.PREFILL_GIVES_FIRST_TOKEN`)
-        "cpu_kernel_as_of_bd5bf7f": {(hf_step, "plain_decoder_layers"): lambda layers: False,
-                                     (hf, "PREFILL_GIVES_FIRST_TOKEN"): False},
-        # 2026-12-07: prompts' common start prefilled once (`hf_prefill.common_start`)
-        "shared_prefix_whole_prompts": {(hf_prefill, "MIN_COMMON_START"): 1 << 30},
-        # 2026-12-07: own cache kept near tight (`CACHE_SLACK`), rows grouped by reshape
-        "shared_prefix_loose_cache": {(hf_decode, "CACHE_SLACK"): None,
-                                      (hf_prefix.SharedPrefix, "_index_rows"): never_full},
-        # 2026-12-03: prompts prefilled in chunks (`hf_prefill.prefill_in_chunks`)
-        "shared_prefix_one_prefill": {(hf_prefill, "PREFILL_ROWS"): 1 << 30},
-        # 2026-12-03: CPU sampler, the lean step, kept cache memory
-        "shared_prefix_before": {
-            (hf_step, "shared_prefix_step"): lambda model: None,
-            (hf_decode, "CPU_DRAW"): lambda probs, generator: probs.multinomial(
-                1, generator=generator).squeeze(1),
-            (engine.buffers, "keep"): False},
-    }[former]
-
-
-@contextmanager
-def former_decode(engine, former: str | None):
-    """The compact decode as it was before `former`'s change and every newer one (FORMER)."""
-    if former not in FORMER:
-        yield
-        return
-    changes: dict = {}
-    for older in FORMER_ORDER[:FORMER_ORDER.index(former) + 1]:
-        changes.update(_undo(older, engine))
-    saved = {key: getattr(*key) for key in changes}
-    for (owner, name), value in changes.items():
-        setattr(owner, name, value)
-    if not engine.buffers.keep:
-        engine.buffers.clear()
-    try:
-        yield
-    finally:
-        for (owner, name), value in saved.items():
-            setattr(owner, name, value)
-
-
 def timed_generate(engine, prompts: list[str], params, former: str | None = None) -> dict:
     start, cpu = time.perf_counter(), time.process_time()
     with former_decode(engine, former):
@@ -303,7 +183,7 @@ def bench_levers(name: str, args) -> dict:
                for p in task.problems("train", args.lever_problems)]
     params = GenerationParams(n=args.k, temperature=args.temperature, top_p=1.0,
                               max_new_tokens=args.lever_max_new_tokens, seed=0)
-    engines, first_call_s, runs, first_ids, own_bounds = {}, {}, {}, {}, {}
+    engines, first, own_bounds = {}, {}, {}
     for lever in args.levers:
         options = LEVERS[lever]
         shared = {} if "dtype" in options else {"model": base.model, "tokenizer": base.tokenizer}
@@ -311,9 +191,8 @@ def bench_levers(name: str, args) -> dict:
         if "dtype" in options:  # its own weights: its own bound too
             own = decode_matmul(engines[lever].model, rows)
             own_bounds[lever] = own["decode_matmul_flops_per_s"] / own["flops_per_new_token"]
-        first = timed_generate(engines[lever], prompts, params, lever)
-        first_call_s[lever], first_ids[lever] = first["wall"], first["ids"]
-    round_bounds = []
+        first[lever] = timed_generate(engines[lever], prompts, params, lever)
+    runs, round_bounds = {}, []
     for _ in range(args.repeats):
         for lever in args.levers:
             runs.setdefault(lever, []).append(timed_generate(engines[lever], prompts, params,
@@ -321,25 +200,45 @@ def bench_levers(name: str, args) -> dict:
         rate = decode_matmul(base.model, rows, seconds=0.02)["decode_matmul_flops_per_s"]
         round_bounds.append(rate / bound["flops_per_new_token"])
     bound["round_bound_tokens_per_s"] = statistics.median(round_bounds)
-    levers = {}
-    for lever, timed in runs.items():
-        wall_rate = statistics.median(r["tokens"] / r["wall"] for r in timed)
-        cpu_rate = statistics.median(r["tokens"] / r["cpu"] for r in timed)
-        levers[lever] = {
-            "tokens_per_s": round(wall_rate, 1), "tokens_per_cpu_s": round(cpu_rate, 1),
-            "share_of_bound": round(wall_rate / bound["bound_tokens_per_s"], 4),
-            "share_of_bound_cpu": round(cpu_rate / bound["bound_tokens_per_s"], 4),
-            "share_of_round_bound": round(statistics.median(
-                r["tokens"] / r["wall"] / b for r, b in zip(timed, round_bounds)), 4),
-            "occupancy": round(statistics.median(r["occupancy"] for r in timed), 3),
-            "first_call_s": round(first_call_s[lever], 1)}
-        if lever in own_bounds:
-            levers[lever]["own_bound_tokens_per_s"] = round(own_bounds[lever], 1)
-            levers[lever]["share_of_own_bound"] = round(wall_rate / own_bounds[lever], 4)
+    levers = {lever: lever_figures(timed, bound["bound_tokens_per_s"], round_bounds,
+                                   first[lever]["wall"], own_bounds.get(lever))
+              for lever, timed in runs.items()}
     for lever in levers.values():
         baseline = levers.get("baseline", lever)
         lever["vs_baseline"] = round(lever["tokens_per_s"] / baseline["tokens_per_s"], 2)
         lever["vs_baseline_cpu"] = round(lever["tokens_per_cpu_s"] / baseline["tokens_per_cpu_s"], 2)
+    compare_tokens(levers, {lever: timed["ids"] for lever, timed in first.items()})
+    return {"model": name, "path": path, "batch": rows, "threads": torch.get_num_threads(),
+            "max_new_tokens": args.lever_max_new_tokens, "repeats": args.repeats,
+            **{k: round(v, 1) for k, v in bound.items()}, "levers": levers}
+
+
+def lever_figures(timed: list[dict], bound: float, round_bounds: list[float], first_call_s: float,
+                  own_bound: float | None) -> dict:
+    """One lever's medians over its timed calls: new tokens/s by wall and CPU time, and their
+    shares of the bound (`bound`, and each call's round's; `own_bound`: its own weights')."""
+    import statistics
+
+    wall_rate = statistics.median(r["tokens"] / r["wall"] for r in timed)
+    cpu_rate = statistics.median(r["tokens"] / r["cpu"] for r in timed)
+    figures = {
+        "tokens_per_s": round(wall_rate, 1), "tokens_per_cpu_s": round(cpu_rate, 1),
+        "share_of_bound": round(wall_rate / bound, 4),
+        "share_of_bound_cpu": round(cpu_rate / bound, 4),
+        "share_of_round_bound": round(statistics.median(
+            r["tokens"] / r["wall"] / b for r, b in zip(timed, round_bounds)), 4),
+        "occupancy": round(statistics.median(r["occupancy"] for r in timed), 3),
+        "first_call_s": round(first_call_s, 1)}
+    if own_bound is not None:
+        figures["own_bound_tokens_per_s"] = round(own_bound, 1)
+        figures["share_of_own_bound"] = round(wall_rate / own_bound, 4)
+    return figures
+
+
+def compare_tokens(levers: dict, first_ids: dict) -> None:
+    """Mark each lever whose tokens should equal another's (`same_tokens`, `same_sequences`,
+    `same_tokens_as`): former levers against the newest former one, compile against its
+    uncompiled engine, float16 keys and values and each former draw against the lever before."""
     newest_former = "shared_prefix_whole_prompts"  # the tokens of every older former lever
     # float16 keys and values against float32's; multinomial's draws against the inverse
     # CDF's (other tokens); bd5bf7f's step against today's (both draw multinomial's; the
@@ -355,9 +254,6 @@ def bench_levers(name: str, args) -> dict:
             levers[other]["same_tokens"] = first_ids[other] == first_ids[reference]
             levers[other]["same_sequences"] = sum(a == b for a, b in pairs)
             levers[other]["same_tokens_as"] = reference
-    return {"model": name, "path": path, "batch": rows, "threads": torch.get_num_threads(),
-            "max_new_tokens": args.lever_max_new_tokens, "repeats": args.repeats,
-            **{k: round(v, 1) for k, v in bound.items()}, "levers": levers}
 
 
 def bench_continuations(name: str, args) -> dict:

@@ -5,18 +5,17 @@ of them with a natural self-correction. The model is saved as a plain HF folder 
 `$BACKTRACK_CACHE/toy/<config-hash>/`, reused when present, and `<output_dir>/toy_base/run.json`
 records it as `model_dir`. While it trains, Trainer checkpoints go to `<config-hash>.work/` every
 `save_minutes`; a killed run resumes from the last complete one (same corpus and tokenizer:
-both are rebuilt from the seed and checked against the ones the checkpoints were made with).
+both are rebuilt from the seed and checked against the ones the checkpoints were made with;
+`toy_base_checkpoints`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,8 @@ from backtrack.config import CommonConfig, hashed_values, option
 from backtrack.errors import UserError
 from backtrack.fileio import cache_root, read_json
 from backtrack.layout import RunLayout
+from backtrack.toy_base_checkpoints import (exclusive, identity, periodic_save_callback,
+                                            resume_point, save_atomically, time_cap_callback)
 from backtrack.toy_corpus import RETRY_PHRASES, TranscriptDataset, build_corpus, loss_kinds
 
 log = logging.getLogger(__name__)
@@ -211,24 +212,6 @@ def save_untrained_model(out_dir: Path, problems: list, config: ToyBaseConfig | 
     return Path(out_dir)
 
 
-def _time_cap_callback(max_minutes: float):
-    from transformers import TrainerCallback
-
-    class TimeCap(TrainerCallback):
-        """Stops training when the time cap is reached (a safety net, not the schedule)."""
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.start = time.monotonic()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if time.monotonic() - self.start > 60 * max_minutes:
-                log.warning("toy-base: time cap of %.1f min reached at step %d",
-                            max_minutes, state.global_step)
-                control.should_training_stop = True
-
-    return TimeCap()
-
-
 def make_trainer(model, tokenizer, corpus, config: ToyBaseConfig, work_dir: Path,
                  **training_args):
     """The HF Trainer for the toy base (`training_args` override TrainingArguments: the
@@ -272,8 +255,8 @@ def make_trainer(model, tokenizer, corpus, config: ToyBaseConfig, work_dir: Path
     return trainer_class(
         model=model, args=args, data_collator=collator, optimizers=optimizers,
         train_dataset=TranscriptDataset(tokenizer, corpus, loss_kinds(config)),
-        callbacks=([_time_cap_callback(config.max_minutes)] if config.max_minutes > 0 else [])
-        + ([_periodic_save_callback(config.save_minutes)] if config.save_minutes > 0 else []))
+        callbacks=([time_cap_callback(config.max_minutes)] if config.max_minutes > 0 else [])
+        + ([periodic_save_callback(config.save_minutes)] if config.save_minutes > 0 else []))
 
 
 def train(model, tokenizer, corpus, config: ToyBaseConfig, work_dir: Path,
@@ -291,52 +274,6 @@ def train(model, tokenizer, corpus, config: ToyBaseConfig, work_dir: Path,
             "resumed_from_step": first, "steps_this_run": trainer.state.global_step - first}
 
 
-def _identity(corpus, tokenizer) -> dict:
-    """Hashes of the corpus and tokenizer: a checkpoint only fits the ones it was trained on."""
-    def digest(text: str) -> str:
-        return hashlib.sha256(text.encode()).hexdigest()
-
-    return {"corpus": digest(json.dumps(corpus)),
-            "tokenizer": digest(tokenizer.backend_tokenizer.to_str())}
-
-
-def resume_point(work: Path, identity: dict) -> Path | None:
-    """The last complete checkpoint in `work` made with this corpus and tokenizer, or None.
-
-    Checkpoints of another corpus or tokenizer (code changed in between) are removed, as are
-    half-written ones (a kill while saving)."""
-    from backtrack.fileio import read_json, write_json
-    from backtrack.train import complete_checkpoints
-
-    previous = read_json(work / "identity.json")
-    if previous is not None and previous != identity:
-        log.warning("toy-base: corpus or tokenizer differ from the interrupted run's; "
-                    "starting over")
-        shutil.rmtree(work)
-    write_json(work / "identity.json", identity)
-    complete, incomplete = complete_checkpoints(work / "trainer")
-    for path in incomplete:
-        shutil.rmtree(path, ignore_errors=True)
-    if complete:
-        log.info("toy-base: resuming from %s", complete[-1])
-    return complete[-1] if complete else None
-
-
-@contextlib.contextmanager
-def _exclusive(lock_file: Path):
-    """Hold an exclusive lock: two runs of one config must not train into one work folder
-    (the second waits, then finds the model cached). No lock where fcntl is missing."""
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(lock_file, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
 def train_and_save(task, config: ToyBaseConfig, model_dir: Path) -> dict:
     """Train (resuming from the work folder's last checkpoint), save to `model_dir`."""
     from backtrack.fileio import write_text
@@ -345,13 +282,13 @@ def train_and_save(task, config: ToyBaseConfig, model_dir: Path) -> dict:
     size = config.corpus_size or config.steps * config.batch_size
     corpus = build_corpus(task, config, size)
     tokenizer = train_tokenizer(task, corpus, config.vocab_size)
-    resume_from = resume_point(work, _identity(corpus, tokenizer))
+    resume_from = resume_point(work, identity(corpus, tokenizer))
     model = build_model(tokenizer, config)
     extra = train(model, tokenizer, corpus, config, work, resume_from)
     extra["parameters"] = sum(p.numel() for p in model.parameters())
     if config.optimizer == "muon":
         extra["newton_schulz"] = _newton_schulz(config)
-    _save(model, tokenizer, model_dir)
+    save_atomically(model, tokenizer, model_dir)
     extra["greedy_accuracy"] = greedy_accuracy(model_dir, task, config.eval_problems)
     write_text(model_dir / "toy_base.json", json.dumps(extra, indent=1) + "\n")
     shutil.rmtree(work, ignore_errors=True)
@@ -378,36 +315,6 @@ def greedy_accuracy(model_dir: Path, task, n: int) -> float | None:
     return sum(task.check(t, p.answer).correct for t, p in zip(texts, problems)) / len(problems)
 
 
-def _periodic_save_callback(minutes: float):
-    from transformers import TrainerCallback
-
-    class SaveEvery(TrainerCallback):
-        """Asks Trainer for a checkpoint every `minutes` of training (Trainer saves only by
-        steps or epochs; time suits a model whose step time varies with the machine)."""
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.last = time.monotonic()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if time.monotonic() - self.last > 60 * minutes and state.global_step < state.max_steps:
-                control.should_save = True
-                self.last = time.monotonic()
-
-    return SaveEvery()
-
-
-def _save(model, tokenizer, target: Path) -> None:
-    """Save to a temporary folder beside `target`, then rename (no half-written model)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another run finished the same config first; keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def main(config: ToyBaseConfig) -> Path:
     from backtrack.runinfo import write_run_info
     from backtrack.tasks import get_task
@@ -418,7 +325,7 @@ def main(config: ToyBaseConfig) -> Path:
                         f"(only generated tasks such as 'arith' can)")
     model_dir = cache_root() / "toy" / config_hash(config)
     extra: dict = {"model_dir": str(model_dir)}
-    with _exclusive(model_dir.with_name(model_dir.name + ".lock")):
+    with exclusive(model_dir.with_name(model_dir.name + ".lock")):
         if (model_dir / "config.json").is_file():
             log.info("toy-base: cached model at %s", model_dir)
             info = model_dir / "toy_base.json"

@@ -25,31 +25,11 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from backtrack.engines import Completion, Engine, GenerationParams, cut_at_stop, derive_seed
-from backtrack.errors import UserError
-
-ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
-DECODERS = ("generate", "compact")
-KV_CACHE_DTYPES = (None, "auto", "float16")
 
 # With shared_prefix, the prompt prefill runs every prompt token and its last logits give the
 # first sampled token (as generate's prefill does), instead of a decode step over all n rows
 # per prompt for the last prompt token (benchmarks/sampling.py turns it off for a former lever).
 PREFILL_GIVES_FIRST_TOKEN = True
-
-
-def load_model_and_tokenizer(model_path: str, device: str, dtype: str | None):
-    """Model (eval mode, on `device`) and tokenizer of a local folder or hub id."""
-    import torch
-
-    from backtrack.models import load_model, load_tokenizer
-
-    torch_dtype = getattr(torch, str(dtype), None) if dtype else (
-        torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    if not isinstance(torch_dtype, torch.dtype):
-        raise UserError(f"engine 'hf': option 'dtype' must be a torch dtype name, got {dtype!r}")
-    tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path, dtype=torch_dtype)
-    return model.to(device).eval(), tokenizer
 
 
 class HFEngine(Engine):
@@ -89,6 +69,10 @@ class HFEngine(Engine):
         from transformers import GenerationConfig
 
         from backtrack.chat import end_of_turn_ids
+        from backtrack.engines.cpu_attention import load_kernels, supports
+        from backtrack.engines.hf_attention import filled_attention
+        from backtrack.engines.hf_decode import DecodeBuffers, hold_freed_memory
+        from backtrack.engines.hf_options import check_options, load_model_and_tokenizer
 
         if num_threads:
             torch.set_num_threads(int(num_threads))
@@ -106,69 +90,23 @@ class HFEngine(Engine):
             eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
         self.batch_size = max(1, int(batch_size))
         self.share_prefill = share_prefill
-        if cache not in ("static", "dynamic"):
-            raise UserError(f"engine 'hf': option 'cache' must be static or dynamic, got {cache!r}")
-        self.cache = cache
-        self.attention = self._resolve_attention(attn_implementation, attend_filled)
-        if not isinstance(compile, bool):
-            raise UserError(f"engine 'hf': option 'compile' must be true or false, got {compile!r}")
-        self.compile = compile
-        if decode not in DECODERS:
-            raise UserError(f"engine 'hf': option 'decode' must be one of {list(DECODERS)}, "
-                            f"got {decode!r}")
-        self.decode = decode
-        if not isinstance(shared_prefix, bool):
-            raise UserError(f"engine 'hf': option 'shared_prefix' must be true or false, "
-                            f"got {shared_prefix!r}")
-        if shared_prefix and (decode != "compact" or self.attention is not None):
-            raise UserError("engine 'hf': option 'shared_prefix' needs decode: compact and no "
-                            "attn_implementation / attend_filled (it brings its own attention)")
-        self.shared_prefix = shared_prefix
-        if not isinstance(group_prefixes, bool) or (group_prefixes and not shared_prefix):
-            raise UserError(f"engine 'hf': option 'group_prefixes' must be true or false and "
-                            f"needs shared_prefix: true, got {group_prefixes!r}")
-        self.group_prefixes = group_prefixes
-        if not isinstance(cpu_kernel, bool) or (cpu_kernel and not shared_prefix):
-            raise UserError(f"engine 'hf': option 'cpu_kernel' must be true or false and needs "
-                            f"shared_prefix: true, got {cpu_kernel!r}")
-        from backtrack.engines.cpu_attention import load_kernels, supports
-        from backtrack.engines.hf_decode import DecodeBuffers, hold_freed_memory
-
+        check_options(cache, attn_implementation, attend_filled, compile, decode, shared_prefix,
+                      group_prefixes, cpu_kernel, kv_cache_dtype,
+                      self.model.config._attn_implementation)
+        self.cache, self.compile, self.decode = cache, compile, decode
+        self.shared_prefix, self.group_prefixes = shared_prefix, group_prefixes
+        self.attention = (filled_attention(attn_implementation
+                                           or self.model.config._attn_implementation)
+                          if attend_filled else attn_implementation)
         self.kernels = (load_kernels() if cpu_kernel and not compile
                         and supports(self.model, self.device) else None)
-        if kv_cache_dtype not in KV_CACHE_DTYPES or (kv_cache_dtype == "float16"
-                                                     and not cpu_kernel):
-            raise UserError(f"engine 'hf': option 'kv_cache_dtype' must be one of "
-                            f"{[d for d in KV_CACHE_DTYPES if d]} (float16 needs cpu_kernel: "
-                            f"true), got {kv_cache_dtype!r}")
         # float16 keys and values only where the kernel runs (it alone reads them)
         self.kv_dtype = (torch.float16 if kv_cache_dtype == "float16" and self.kernels is not None
                          else None)
-
         self.buffers = DecodeBuffers(keep=not self.device.startswith("cuda"))
         if self.buffers.keep:  # the same policy for the rest of a call's memory
             hold_freed_memory()
         self._compiled_step = None
-
-    def _resolve_attention(self, implementation: str | None, attend_filled: bool) -> str | None:
-        """The attention implementation to generate with (None: the model's own, untouched)."""
-        from backtrack.engines.hf_attention import filled_attention
-
-        if implementation is not None and implementation not in ATTENTION_IMPLEMENTATIONS:
-            raise UserError(f"engine 'hf': option 'attn_implementation' must be one of "
-                            f"{', '.join(ATTENTION_IMPLEMENTATIONS)} or null, got {implementation!r}")
-        if not isinstance(attend_filled, bool):
-            raise UserError(f"engine 'hf': option 'attend_filled' must be true or false, "
-                            f"got {attend_filled!r}")
-        if not attend_filled:
-            return implementation
-        if self.cache != "static":
-            raise UserError("engine 'hf': option 'attend_filled' needs cache: static")
-        base = implementation or self.model.config._attn_implementation
-        if base not in ATTENTION_IMPLEMENTATIONS:
-            raise UserError(f"engine 'hf': option 'attend_filled' works with eager or sdpa "
-                            f"attention; the model uses {base!r} (set attn_implementation)")
-        return filled_attention(base)
 
     def encode(self, prompt: str) -> list[int]:
         """Prompt ids; the chat template already holds any BOS, so none is added."""

@@ -245,40 +245,19 @@ def compact_decode(model, input_ids, mask, cache, max_new_tokens: int, eos_ids: 
     of each row's last prompt token, which `prefix` then holds too) the first token is drawn
     from them, without a decode step (a prefill computes them anyway)."""
     import torch
-    from transformers import DynamicCache
 
-    from backtrack.engines.hf_prefill import (own_prefill_in_chunks, own_tokens_cache,
-                                              prompt_prefill)
     from backtrack.engines.hf_step import shared_prefix_step
 
     own_prefill = positions is not None and input_ids.shape[1] > 1
     if positions is None:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    extra = {}
-    if prefix is not None:
-        extra = {"shared_prefix": prefix}
-        if own_prefill:
-            cache = own_prefill_in_chunks(model, input_ids[:, :-1], mask[:, :-1],
-                                          positions[:, :-1], prefix)
-        else:
-            cache = own_tokens_cache(model, prefix, input_ids.shape[0])
-        # the model's forward reads a 2D mask as long as the own cache + 1; padding is in
-        # `prefix` (own_bias), not in this mask
-        mask = mask.new_ones((input_ids.shape[0], input_ids.shape[1] if own_prefill else 1))
-    elif cache is None and input_ids.shape[1] > 1:
-        cache, _ = prompt_prefill(model, input_ids[:, :-1], mask[:, :-1], positions[:, :-1])
-    elif cache is None:
-        cache = DynamicCache(config=model.config)
+    cache, mask = _starting_cache(model, input_ids, mask, positions, cache, prefix, own_prefill)
     # a compiled `step` keeps one buffer: each move to the other would change the cache's
     # strides, and torch.compile would compile the step again
     slack = CACHE_SLACK if input_ids.device.type == "cpu" and step is None else None
-    if prefix is not None:
-        prefix.store_for_decode()
-    cache.layers = [_decode_layer(layer, layer.get_seq_length() + max_new_tokens + 1, buffers,
-                                  index, slack, getattr(prefix, "kernels", None),
-                                  getattr(prefix, "kv_dtype", None))
-                    if layer.is_initialized else layer for index, layer in enumerate(cache.layers)]
+    _to_decode_layers(cache, max_new_tokens, buffers, slack, prefix)
     forward = (step or shared_prefix_step(model)) if prefix is not None else None
+    extra = {} if prefix is None else {"shared_prefix": prefix}
     generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     eos = torch.tensor(eos_ids, device=input_ids.device)
     tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
@@ -306,10 +285,51 @@ def compact_decode(model, input_ids, mask, cache, max_new_tokens: int, eos_ids: 
         # Dropping rows copies the cache's filled part; stepping a dead row costs its share of
         # one step: compact once a `DEAD_SHARE` of the batch is dead.
         if int(done.sum()) * DEAD_SHARE >= len(rows):
-            keep = (~done).nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            if prefix is not None:
-                prefix.keep(keep)
-            rows, mask, current, position = rows[keep], mask[keep], current[keep], position[keep]
-            done = done[keep]
+            rows, mask, current, position, done = _drop_rows(
+                ~done, cache, prefix, rows, mask, current, position, done)
     return tokens
+
+
+def _drop_rows(alive, cache, prefix, *per_row):
+    """Only the `alive` rows of the decode's cache, `prefix` and each of `per_row`."""
+    keep = alive.nonzero().squeeze(1)
+    cache.batch_select_indices(keep)
+    if prefix is not None:
+        prefix.keep(keep)
+    return [tensor[keep] for tensor in per_row]
+
+
+def _starting_cache(model, input_ids, mask, positions, cache, prefix, own_prefill: bool):
+    """`compact_decode`'s cache before its first step, and the 2D mask its model forward reads:
+    with `prefix`, the rows' own cache (their leading tokens prefilled when `own_prefill`) and a
+    mask of ones (padding is in `prefix`'s own_bias); else `cache`, the prompts prefilled here
+    when it is None."""
+    from transformers import DynamicCache
+
+    from backtrack.engines.hf_prefill import (own_prefill_in_chunks, own_tokens_cache,
+                                              prompt_prefill)
+
+    if prefix is not None:
+        if own_prefill:
+            cache = own_prefill_in_chunks(model, input_ids[:, :-1], mask[:, :-1],
+                                          positions[:, :-1], prefix)
+        else:
+            cache = own_tokens_cache(model, prefix, input_ids.shape[0])
+        # the model's forward reads a 2D mask as long as the own cache + 1
+        return cache, mask.new_ones((input_ids.shape[0], input_ids.shape[1] if own_prefill else 1))
+    if cache is None and input_ids.shape[1] > 1:
+        cache, _ = prompt_prefill(model, input_ids[:, :-1], mask[:, :-1], positions[:, :-1])
+    elif cache is None:
+        cache = DynamicCache(config=model.config)
+    return cache, mask
+
+
+def _to_decode_layers(cache, max_new_tokens: int, buffers, slack, prefix) -> None:
+    """`cache`'s filled layers as the decode's (`_decode_layer`), sized for `max_new_tokens`
+    more; with `prefix`, its prompt keys and values stored as the decode reads them."""
+    if prefix is not None:
+        prefix.store_for_decode()
+    cache.layers = [_decode_layer(layer, layer.get_seq_length() + max_new_tokens + 1, buffers,
+                                  index, slack, getattr(prefix, "kernels", None),
+                                  getattr(prefix, "kv_dtype", None))
+                    if layer.is_initialized else layer for index, layer in enumerate(cache.layers)]
