@@ -7,8 +7,13 @@ the ratios. Model FLOPs per token follow PaLM's count: 6 x matmul parameters (lm
 + 12 x layers x hidden x context (attention scores and values), on real tokens only; "computed"
 FLOPs count what the kernels do, padding included and a shared prefix once per micro-batch
 (`shared_prefix`; so "model" FLOP/s, the transcripts' FLOPs, can exceed "computed" ones).
-With `--levers`, each lever runs in its own process, one at a time, and is compared with the baseline by tokens/s (real tokens per second)
-and by tokens per CPU-second of the process (steadier when other jobs share the cores).
+With `--levers`, each lever runs in its own process, one at a time, and is compared with the
+baseline by tokens/s (real tokens per second) and by tokens per CPU-second of the process
+(steadier when other jobs share the cores). Each process also times the 2048^3 product just
+before and after its training ("% own large": the share of their mean), as a shared
+machine's speed drifts between minutes (the parent's 2048^3 figure ranged 152-202 GFLOP/s
+in one evening). Target: the default config (`micro4`) at 50 % of the 2048^3 rate (a last
+line says whether it is met, by the parent's figure as before).
 
     python benchmarks/toy_base.py                      # baseline and matmul figures
     python benchmarks/toy_base.py --levers all         # every lever, 40 steps each
@@ -81,6 +86,11 @@ LEVERS = {
 }
 
 
+# The toy base's default config (ToyBaseConfig's defaults), and the share of the 2048^3 fp32
+# matmul rate its training targets
+DEFAULT_LEVER, TARGET_SHARE = "micro4", 0.50
+
+
 def flops_per_token(model_config, context: int) -> float:
     """Training FLOPs for one token with `context` tokens of attention (PaLM's formula)."""
     d, layers = model_config.hidden_size, model_config.num_hidden_layers
@@ -149,7 +159,12 @@ def measure_training(lever: str, steps: int, warmup: int, threads: int) -> dict:
         trainer.data_collator = counter
         timer = step_timer(warmup, steps)
         trainer.add_callback(timer)
+        # the large-matmul rate just before and after the timed steps, in this process at its
+        # threads: the same phase of a shared machine as the training (the parent's figure may
+        # come from a faster or slower minute)
+        around = [matmul_flops(2048, 2048, 2048, seconds=1.5)]
         trainer.train()
+        around.append(matmul_flops(2048, 2048, 2048, seconds=1.5))
     per_step = config.micro_batches  # the collator sees each micro-batch
     timed = counter.batches[warmup * per_step:steps * per_step]
     total = {k: sum(b[k] for b in timed) for k in timed[0]}
@@ -160,7 +175,8 @@ def measure_training(lever: str, steps: int, warmup: int, threads: int) -> dict:
             "model_flops_per_s": total["model_flops"] / timer.seconds,
             "computed_flops_per_s": total["computed_flops"] / timer.seconds,
             "mean_real_length": total["real_tokens"] / ((steps - warmup) * config.batch_size),
-            "parameters": sum(p.numel() for p in model.parameters())}
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "large_flops_per_s_around": sum(around) / len(around)}
 
 
 def matmul_flops(m: int, k: int, n: int, seconds: float = 1.0) -> float:
@@ -232,7 +248,8 @@ def print_report(matmul: dict, results: list[dict]) -> None:
           f"{matmul['model_shapes_flops_per_s'] / g:.1f} GFLOP/s")
     base = results[0]
     print(f"{'lever':<16} {'tok/s':>7} {'x base':>7} {'x base cpu':>10} {'model GF/s':>10} "
-          f"{'% large':>7} {'% shapes':>8} {'computed GF/s':>13} {'real/computed tok':>17}")
+          f"{'% large':>7} {'% shapes':>8} {'% own large':>11} {'computed GF/s':>13} "
+          f"{'real/computed tok':>17}")
     per_cpu = base["real_tokens"] / base["cpu_seconds"]
     for r in results:
         model = r["model_flops_per_s"]
@@ -241,10 +258,18 @@ def print_report(matmul: dict, results: list[dict]) -> None:
               f"{r['real_tokens'] / r['cpu_seconds'] / per_cpu:>10.2f} {model / g:>10.1f} "
               f"{100 * model / matmul['large_flops_per_s']:>6.1f}% "
               f"{100 * model / matmul['model_shapes_flops_per_s']:>7.1f}% "
+              f"{100 * model / r['large_flops_per_s_around']:>10.1f}% "
               f"{r['computed_flops_per_s'] / g:>13.1f} "
               f"{r['real_tokens'] / r['computed_tokens']:>17.2f}")
     print(f"baseline: {base['parameters']:,} parameters, mean transcript "
           f"{base['mean_real_length']:.1f} tokens, {base['seconds'] / base['steps_timed']:.2f} s/step")
+    default = next((r for r in results if r["lever"] == DEFAULT_LEVER), None)
+    if default is not None:
+        share = default["model_flops_per_s"] / matmul["large_flops_per_s"]
+        own = default["model_flops_per_s"] / default["large_flops_per_s_around"]
+        print(f"target: the default config ({DEFAULT_LEVER}) at {TARGET_SHARE:.0%} of the 2048^3 "
+              f"rate: {share:.1%} ({own:.1%} of the rate around its steps): "
+              f"{'met' if share >= TARGET_SHARE else 'not met'}")
 
 
 def main() -> None:
