@@ -90,9 +90,11 @@ class HFEngine(Engine):
             eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
         self.batch_size = max(1, int(batch_size))
         self.share_prefill = share_prefill
-        check_options(cache, attn_implementation, attend_filled, compile, decode, shared_prefix,
-                      group_prefixes, cpu_kernel, kv_cache_dtype,
-                      self.model.config._attn_implementation)
+        check_options(cache=cache, attn_implementation=attn_implementation,
+                      attend_filled=attend_filled, compile=compile, decode=decode,
+                      shared_prefix=shared_prefix, group_prefixes=group_prefixes,
+                      cpu_kernel=cpu_kernel, kv_cache_dtype=kv_cache_dtype,
+                      model_attention=self.model.config._attn_implementation)
         self.cache, self.compile, self.decode = cache, compile, decode
         self.shared_prefix, self.group_prefixes = shared_prefix, group_prefixes
         self.attention = (filled_attention(attn_implementation

@@ -10,7 +10,7 @@ DECODERS = ("generate", "compact")
 KV_CACHE_DTYPES = (None, "auto", "float16")
 
 
-def check_options(cache: str, attn_implementation: str | None, attend_filled: bool,
+def check_options(*, cache: str, attn_implementation: str | None, attend_filled: bool,
                   compile: bool, decode: str, shared_prefix: bool, group_prefixes: bool,
                   cpu_kernel: bool, kv_cache_dtype: str | None, model_attention: str) -> None:
     """Raise on an option the engine does not take, or one without the options it needs
