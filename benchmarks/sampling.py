@@ -240,11 +240,13 @@ def compare_tokens(levers: dict, first_ids: dict) -> None:
     `same_tokens_as`): former levers against the newest former one, compile against its
     uncompiled engine, float16 keys and values and each former draw against the lever before."""
     newest_former = "shared_prefix_whole_prompts"  # the tokens of every older former lever
-    # float16 keys and values against float32's; multinomial's draws against the inverse
-    # CDF's (other tokens); bd5bf7f's step against today's (both draw multinomial's; the
-    # float16 keys and values change tokens too)
+    # float16 keys and values against float32's; the prefill's whole last layer against the
+    # last position only (the first logits in another float order); multinomial's draws
+    # against the inverse CDF's (other tokens); bd5bf7f's step against today's (both draw
+    # multinomial's; the float16 keys and values change tokens too)
     same_as = {"compact+shared_prefix+cpu_kernel+float16_kv": "compact+shared_prefix+cpu_kernel",
-               "float16_kv+multinomial": "compact+shared_prefix+cpu_kernel+float16_kv",
+               "float16_kv_whole_last_layer": "compact+shared_prefix+cpu_kernel+float16_kv",
+               "float16_kv+multinomial": "float16_kv_whole_last_layer",
                "cpu_kernel_as_of_bd5bf7f": "float16_kv+multinomial"}
     for other in FORMER | {"compact+shared_prefix+compile", *same_as}:
         reference = same_as.get(other, newest_former if other in FORMER

@@ -35,7 +35,12 @@ LEVERS = {
                                    "shared_prefix": True, "dtype": "bfloat16"},
     # The default as it was (`former_decode`), newest first; the C++ attention is always
     # today's (the kernel before its dim-major keys, 2026-12-07, is not kept). The recipe's
-    # engine drawing torch.multinomial's tokens (`hf_decode.multinomial_one_cpu`, the CPU draw
+    # engine with the prompt prefill's last layer at every position (before
+    # `hf_last_layer.last_position_only`, 2026-12-07; the last logits in another float order)
+    "float16_kv_whole_last_layer": {"cache": "dynamic", "decode": "compact",
+                                    "shared_prefix": True, "cpu_kernel": True,
+                                    "kv_cache_dtype": "float16"},
+    # ... and drawing torch.multinomial's tokens (`hf_decode.multinomial_one_cpu`, the CPU draw
     # before `inverse_cdf_draw`, 2026-12-07; other tokens, the same distribution)
     "float16_kv+multinomial": {"cache": "dynamic", "decode": "compact", "shared_prefix": True,
                                "cpu_kernel": True, "kv_cache_dtype": "float16"},
@@ -69,7 +74,7 @@ DEFAULT_LEVERS = [name for name in LEVERS if "compile" not in name]
 # The compact decode as it was (FORMER), newest first; each former lever undoes its own change
 # and every newer one (the tokens of `shared_prefix_whole_prompts` and older differ from the
 # default's in float summation order only; among themselves they are the same)
-FORMER_ORDER = ["float16_kv+multinomial", "cpu_kernel_as_of_bd5bf7f",
+FORMER_ORDER = ["float16_kv_whole_last_layer", "float16_kv+multinomial", "cpu_kernel_as_of_bd5bf7f",
                 "shared_prefix_whole_prompts", "shared_prefix_loose_cache",
                 "shared_prefix_one_prefill", "shared_prefix_before"]
 FORMER = set(FORMER_ORDER)
@@ -77,7 +82,7 @@ FORMER = set(FORMER_ORDER)
 
 def _undo(former: str, engine) -> dict:
     """(module, attribute) -> the value it had before `former`'s change."""
-    from backtrack.engines import hf, hf_decode, hf_prefill, hf_prefix, hf_step
+    from backtrack.engines import hf, hf_decode, hf_last_layer, hf_prefill, hf_prefix, hf_step
 
     index_rows = hf_prefix.SharedPrefix._index_rows
 
@@ -86,6 +91,8 @@ def _undo(former: str, engine) -> dict:
         prefix.full = False
 
     return {
+        # 2026-12-07: the prefill's last layer at the last position only
+        "float16_kv_whole_last_layer": {(hf_last_layer, "_last_plain_layer"): lambda model: None},
         # 2026-12-07: one uniform per row (`hf_decode.inverse_cdf_draw`)
         "float16_kv+multinomial": {(hf_decode, "CPU_DRAW"): hf_decode.multinomial_one_cpu},
         # 2026-12-07: decoder layers' arithmetic in the step (`hf_step.plain_decoder_layers`),
