@@ -42,13 +42,13 @@ def instrument(engine, totals: Counter) -> None:
     import torch
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from backtrack.engines import hf_decode, hf_prefix, hf_step
+    from backtrack.engines import cpu_linear, hf_decode, hf_prefix, hf_step
 
     phase = ["other"]
     engine._prefill = timed(totals, "prompt prefill", engine._prefill, phase, "prefill")
     step = hf_step.shared_prefix_step
-    hf_step.shared_prefix_step = lambda model: timed(totals, "decode steps", step(model), phase,
-                                                     "decode")
+    hf_step.shared_prefix_step = lambda model, **kw: timed(totals, "decode steps",
+                                                           step(model, **kw), phase, "decode")
     hf_decode.sample_tokens = timed(totals, "sampling", hf_decode.sample_tokens)
     attention = timed(totals, "  attention in {phase}", hf_prefix.shared_prefix_attention, phase)
     ALL_ATTENTION_FUNCTIONS._global_mapping[hf_prefix.NAME] = attention
@@ -56,6 +56,9 @@ def instrument(engine, totals: Counter) -> None:
     hf_step.shared_prefix_attention = attention
     hf_step.F = SimpleNamespace(**{name: getattr(hf_step.F, name) for name in dir(hf_step.F)})
     hf_step.F.linear = timed(totals, "  linears in {phase}", torch.nn.functional.linear, phase)
+    # ... or, with cpu_kernel, the packed kernel's
+    cpu_linear.PackedLinear.__call__ = timed(totals, "  linears in {phase}",
+                                             cpu_linear.PackedLinear.__call__, phase)
     # (sdpa, which the prefill's attention calls, is inside the wrapper above: wrapping it
     # too counted the prefill's attention twice, as this script did until 2026-12-07)
     for module in engine.model.modules():

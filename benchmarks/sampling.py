@@ -37,6 +37,7 @@ weights, only on shape and output length).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import tempfile
 import time
@@ -127,22 +128,27 @@ def bench_model(name: str, args) -> dict:
             "engine_s_num_return_sequences": round(copied_seconds, 2)}
 
 
-def decode_matmul(model, rows: int, seconds: float = 0.3) -> dict:
+def decode_matmul(model, rows: int, seconds: float = 0.3, kernels=None) -> dict:
     """fp32 FLOP/s of the model's linears (lm_head included) at [rows x in] x [in x out]: the
-    sum of their FLOPs over the sum of each one's best time, and 2 x their parameters."""
+    sum of their FLOPs over the sum of each one's best time, and 2 x their parameters. By
+    torch's F.linear (the bound's rate), or with `kernels` by cpu_kernel's packed linears."""
     import torch
     import torch.nn.functional as F
+
+    from backtrack.engines.cpu_linear import PackedLinear
 
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     flops = best_seconds = 0.0
     with torch.inference_mode():
         for layer in linears:
             x = torch.randn(rows, layer.in_features, dtype=layer.weight.dtype)
-            F.linear(x, layer.weight, layer.bias)
+            product = (PackedLinear(kernels, layer.weight, layer.bias) if kernels is not None
+                       else functools.partial(F.linear, weight=layer.weight, bias=layer.bias))
+            product(x)
             best, deadline = float("inf"), time.perf_counter() + seconds
             while time.perf_counter() < deadline:
                 start = time.perf_counter()
-                F.linear(x, layer.weight, layer.bias)
+                product(x)
                 best = min(best, time.perf_counter() - start)
             flops += 2 * rows * layer.in_features * layer.out_features
             best_seconds += best
@@ -170,6 +176,7 @@ def bench_levers(name: str, args) -> dict:
 
     from backtrack.chat import render_prompt
     from backtrack.engines import GenerationParams, make_engine
+    from backtrack.engines.cpu_attention import load_kernels
     from backtrack.models import resolve_model_path
     from backtrack.tasks import get_task
 
@@ -178,6 +185,11 @@ def bench_levers(name: str, args) -> dict:
     base = make_engine("hf", path, batch_size=rows, num_threads=args.threads or None)
     bound = decode_matmul(base.model, rows)
     bound["bound_tokens_per_s"] = bound["decode_matmul_flops_per_s"] / bound["flops_per_new_token"]
+    if "cpu_kernel" in LEVERS[RECIPE_LEVER] and base.device == "cpu" and load_kernels():
+        # the bound stays at torch's rate (issue 11's definition); the packed kernel the
+        # recipe's step uses is faster on these shapes, and the report says by how much
+        bound["packed_matmul_flops_per_s"] = decode_matmul(
+            base.model, rows, kernels=load_kernels())["decode_matmul_flops_per_s"]
     task = get_task(args.task, {})
     prompts = [render_prompt(base.tokenizer, task.messages(p))
                for p in task.problems("train", args.lever_problems)]
@@ -240,12 +252,14 @@ def compare_tokens(levers: dict, first_ids: dict) -> None:
     `same_tokens_as`): former levers against the newest former one, compile against its
     uncompiled engine, float16 keys and values and each former draw against the lever before."""
     newest_former = "shared_prefix_whole_prompts"  # the tokens of every older former lever
-    # float16 keys and values against float32's; the prefill's whole last layer against the
+    # float16 keys and values against float32's; F.linear's step against the packed one's;
+    # the prefill's whole last layer against the
     # last position only (the first logits in another float order); multinomial's draws
     # against the inverse CDF's (other tokens); bd5bf7f's step against today's (both draw
     # multinomial's; the float16 keys and values change tokens too)
     same_as = {"compact+shared_prefix+cpu_kernel+float16_kv": "compact+shared_prefix+cpu_kernel",
-               "float16_kv_whole_last_layer": "compact+shared_prefix+cpu_kernel+float16_kv",
+               "float16_kv_mkl_linears": "compact+shared_prefix+cpu_kernel+float16_kv",
+               "float16_kv_whole_last_layer": "float16_kv_mkl_linears",
                "float16_kv+multinomial": "float16_kv_whole_last_layer",
                "cpu_kernel_as_of_bd5bf7f": "float16_kv+multinomial"}
     for other in FORMER | {"compact+shared_prefix+compile", *same_as}:
@@ -321,6 +335,12 @@ def print_levers(r: dict) -> None:
                  else ""),
               flush=True)
     recipe = r["levers"].get(RECIPE_LEVER)
+    if recipe and r.get("packed_matmul_flops_per_s"):
+        ratio = r["packed_matmul_flops_per_s"] / r["decode_matmul_flops_per_s"]
+        print(f"  cpu_kernel's packed linears on the same shapes: "
+              f"{r['packed_matmul_flops_per_s'] / 1e9:.1f} GFLOP/s ({ratio:.2f}x torch's); at "
+              f"that rate the bound would be {ratio:.2f}x and the recipe's engine "
+              f"{100 * recipe['share_of_bound'] / ratio:.1f} % of it", flush=True)
     if recipe:
         met = "met" if recipe["share_of_bound"] >= TARGET_SHARE else "not met"
         print(f"  target: the recipe's engine at {100 * TARGET_SHARE:.0f} % of the bound: "

@@ -35,7 +35,11 @@ LEVERS = {
                                    "shared_prefix": True, "dtype": "bfloat16"},
     # The default as it was (`former_decode`), newest first; the C++ attention is always
     # today's (the kernel before its dim-major keys, 2026-12-07, is not kept). The recipe's
-    # engine with the prompt prefill's last layer at every position (before
+    # engine with the decode step's linears by F.linear (before `cpu_linear`, 2026-12-07; the
+    # same floats on the Zen 4 machine)
+    "float16_kv_mkl_linears": {"cache": "dynamic", "decode": "compact", "shared_prefix": True,
+                               "cpu_kernel": True, "kv_cache_dtype": "float16"},
+    # ... and the prompt prefill's last layer at every position (before
     # `hf_last_layer.last_position_only`, 2026-12-07; the last logits in another float order)
     "float16_kv_whole_last_layer": {"cache": "dynamic", "decode": "compact",
                                     "shared_prefix": True, "cpu_kernel": True,
@@ -74,7 +78,7 @@ DEFAULT_LEVERS = [name for name in LEVERS if "compile" not in name]
 # The compact decode as it was (FORMER), newest first; each former lever undoes its own change
 # and every newer one (the tokens of `shared_prefix_whole_prompts` and older differ from the
 # default's in float summation order only; among themselves they are the same)
-FORMER_ORDER = ["float16_kv_whole_last_layer", "float16_kv+multinomial", "cpu_kernel_as_of_bd5bf7f",
+FORMER_ORDER = ["float16_kv_mkl_linears", "float16_kv_whole_last_layer", "float16_kv+multinomial", "cpu_kernel_as_of_bd5bf7f",
                 "shared_prefix_whole_prompts", "shared_prefix_loose_cache",
                 "shared_prefix_one_prefill", "shared_prefix_before"]
 FORMER = set(FORMER_ORDER)
@@ -91,6 +95,8 @@ def _undo(former: str, engine) -> dict:
         prefix.full = False
 
     return {
+        # 2026-12-07: the step's linears packed once (`cpu_linear`)
+        "float16_kv_mkl_linears": {(hf_step, "PACKED_LINEARS"): False},
         # 2026-12-07: the prefill's last layer at the last position only
         "float16_kv_whole_last_layer": {(hf_last_layer, "_last_plain_layer"): lambda model: None},
         # 2026-12-07: one uniform per row (`hf_decode.inverse_cdf_draw`)
@@ -108,7 +114,7 @@ def _undo(former: str, engine) -> dict:
         "shared_prefix_one_prefill": {(hf_prefill, "PREFILL_ROWS"): 1 << 30},
         # 2026-12-03: CPU sampler, the lean step, kept cache memory
         "shared_prefix_before": {
-            (hf_step, "shared_prefix_step"): lambda model: None,
+            (hf_step, "shared_prefix_step"): lambda model, **kwargs: None,
             (hf_decode, "CPU_DRAW"): lambda probs, generator: probs.multinomial(
                 1, generator=generator).squeeze(1),
             (engine.buffers, "keep"): False},

@@ -384,6 +384,10 @@ torch::Tensor cascade_values(torch::Tensor weights, torch::Tensor prompt_values,
 torch::Tensor rotary_append(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos,
                             torch::Tensor sin, torch::Tensor key_slab, torch::Tensor value_slab);
 void compact_token_rows(torch::Tensor buffer, torch::Tensor kept, int64_t length);
+// cpu_linear.cpp
+torch::Tensor pack_linear(torch::Tensor weight);
+torch::Tensor packed_linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias,
+                            int64_t out_features);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cascade_scores", &cascade_scores, pybind11::arg("q"), pybind11::arg("prompt_keys"),
@@ -393,5 +397,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cascade_values", &cascade_values);
   m.def("compact_token_rows", &compact_token_rows);
   m.def("rotary_append", &rotary_append);
+  m.def("pack_linear", &pack_linear);
+  m.def("packed_linear", &packed_linear);
   m.attr("key_block") = kBlock;  // `cpu_attention.dim_major`'s room
 }

@@ -30,7 +30,8 @@ from pathlib import Path
 from transformers.cache_utils import DynamicLayer
 
 # the module's sources (cpu_attention.cpp binds them all) and their shared header
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_attention.cpp", "cpu_cache.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_attention.cpp", "cpu_cache.cpp",
+                                                      "cpu_linear.cpp")]
 HEADERS = [Path(__file__).with_name("cpu_checks.h")]
 
 
@@ -84,7 +85,8 @@ def _load_locked(folder: Path):
 @functools.lru_cache(maxsize=None)
 def load_kernels():
     """The compiled module (`cascade_scores`, `cascade_values`, `key_block`;
-    `compact_token_rows`, `rotary_append` from cpu_cache.cpp), or None with a warning when it
+    `compact_token_rows`, `rotary_append` from cpu_cache.cpp; `pack_linear`, `packed_linear`
+    from cpu_linear.cpp), or None with a warning when it
     does not build here."""
     try:
         return _load_locked(build_directory())

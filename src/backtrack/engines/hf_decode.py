@@ -256,7 +256,8 @@ def compact_decode(model, input_ids, mask, cache, max_new_tokens: int, eos_ids: 
     # strides, and torch.compile would compile the step again
     slack = CACHE_SLACK if input_ids.device.type == "cpu" and step is None else None
     _to_decode_layers(cache, max_new_tokens, buffers, slack, prefix)
-    forward = (step or shared_prefix_step(model)) if prefix is not None else None
+    forward = ((step or shared_prefix_step(model, kernels=getattr(prefix, "kernels", None)))
+               if prefix is not None else None)
     extra = {} if prefix is None else {"shared_prefix": prefix}
     generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     eos = torch.tensor(eos_ids, device=input_ids.device)

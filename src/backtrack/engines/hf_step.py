@@ -18,11 +18,17 @@ No transformers API runs a decoder stack without this glue.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from backtrack.engines.cpu_attention import TokenMajorLayer
 from backtrack.engines.hf_prefix import shared_prefix_attention
+
+# With `cpu_kernel`, the step's linears by the packed kernel (`cpu_linear`); False gives
+# F.linear's (benchmarks/sampling.py's former lever)
+PACKED_LINEARS = True
 
 # Model types whose forward is embed -> rotary -> layers(hidden, mask, position embeddings, cache)
 # -> norm -> lm_head, with nothing else per step (transformers' modeling_llama and its copies).
@@ -57,17 +63,20 @@ def plain_decoder_layers(layers) -> bool:
     return True
 
 
-def shared_prefix_step(model, plain: bool = True):
+def shared_prefix_step(model, plain: bool = True, kernels=None):
     """One decode step's last-position logits (`step(input_ids, position_ids, cache, prefix)`)
     through the model's own modules, or None when the model's forward is not the Llama layout.
-    `plain=False` calls every decoder layer whole (for torch.compile, `compiled_step`)."""
+    `plain=False` calls every decoder layer whole (for torch.compile, `compiled_step`); with
+    `kernels` (`cpu_attention.load_kernels()`), plain layers' linears run packed
+    (`cpu_linear`) where `PACKED_LINEARS`."""
     inner = getattr(model, "model", None)
     if (getattr(model.config, "model_type", None) not in LLAMA_LAYOUT or inner is None
             or not all(hasattr(inner, name) for name in ("embed_tokens", "rotary_emb", "layers",
                                                          "norm"))):
         return None
     layers = inner.layers[:model.config.num_hidden_layers]
-    plain = ([PlainLayer(layer, index) for index, layer in enumerate(layers)]
+    packed = kernels if PACKED_LINEARS and hasattr(kernels, "packed_linear") else None
+    plain = ([PlainLayer(layer, index, packed) for index, layer in enumerate(layers)]
              if plain and plain_decoder_layers(layers) else None)
 
     def step(input_ids, position_ids, cache, prefix):
@@ -110,24 +119,23 @@ class PlainLayer:
     decoder layer, attention and MLP forward for one new token per row, the attention being the
     shared-prefix one (`hf_prefix`, `cpu_attention`). The same operations in the same order;
     the parameters are read once per decode call, as a module lookup (~0.6 us) costs as much
-    as a small operation here."""
+    as a small operation here. With `kernels`, the linears are `cpu_linear.PackedLinear`s."""
 
-    def __init__(self, layer, index: int):
+    def __init__(self, layer, index: int, kernels=None):
         attention, mlp = layer.self_attn, layer.mlp
         self.index, self.attention = index, attention
         self.head_dim, self.scaling = attention.head_dim, attention.scaling
         self.norms = [(norm.weight, norm.variance_epsilon)
                       for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
         self.q, self.k, self.v, self.o, self.gate, self.up, self.down = (
-            (linear.weight, linear.bias) for linear in (
+            _step_linear(linear, kernels) for linear in (
                 attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj,
                 mlp.gate_proj, mlp.up_proj, mlp.down_proj))
 
     def forward(self, hidden, rotary: Rotary, cache, prefix):
         rows = hidden.shape[0]
         states = _rms_norm(hidden, *self.norms[0])
-        query, key, value = (F.linear(states, *self.q), F.linear(states, *self.k),
-                             F.linear(states, *self.v))
+        query, key, value = self.q(states), self.k(states), self.v(states)
         own = cache.layers[self.index]
         if isinstance(own, TokenMajorLayer):  # the kernel's cache: rotary and write in C++
             query, key, value = own.append_rotated(query, key, value, rotary.cos, rotary.sin)
@@ -138,10 +146,19 @@ class PlainLayer:
             key, value = cache.update(key, value.view(shape).transpose(1, 2), self.index)
         out, _ = shared_prefix_attention(self.attention, query, key, value, None,
                                          scaling=self.scaling, shared_prefix=prefix)
-        hidden = hidden + F.linear(out.reshape(rows, 1, -1), *self.o)
+        hidden = hidden + self.o(out.reshape(rows, 1, -1))
         states = _rms_norm(hidden, *self.norms[1])
-        gated = F.silu(F.linear(states, *self.gate)) * F.linear(states, *self.up)
-        return hidden + F.linear(gated, *self.down)
+        gated = F.silu(self.gate(states)) * self.up(states)
+        return hidden + self.down(gated)
+
+
+def _step_linear(linear, kernels):
+    """`linear`'s product for the step: packed (`cpu_linear`) with `kernels`, else F.linear."""
+    from backtrack.engines import cpu_linear
+
+    if kernels is not None and cpu_linear.supports(linear.weight):
+        return cpu_linear.PackedLinear(kernels, linear.weight, linear.bias)
+    return functools.partial(F.linear, weight=linear.weight, bias=linear.bias)
 
 
 def _rms_norm(hidden, weight, epsilon: float):
