@@ -63,6 +63,20 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def kernels():
+    """The hf engine's C++ kernels (`cpu_attention.load_kernels`), built on first use."""
+    import shutil
+
+    from backtrack.engines.cpu_attention import load_kernels
+
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler here: cpu_kernel falls back to torch (tested apart)")
+    built = load_kernels()
+    assert built is not None, "a C++ compiler is here, yet the kernel did not build"
+    return built
+
+
+@pytest.fixture(scope="session")
 def gsm8k_dir() -> Path:
     if not (GSM8K_DIR / "test.jsonl").exists():
         pytest.fail(f"GSM8K data not found at {GSM8K_DIR}")

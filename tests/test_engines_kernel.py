@@ -7,7 +7,6 @@ without page faults."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,17 +14,6 @@ import pytest
 
 from backtrack.engines import GenerationParams, make_engine
 from backtrack.errors import UserError
-
-
-@pytest.fixture(scope="module")
-def kernels():
-    from backtrack.engines.cpu_attention import load_kernels
-
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler here: cpu_kernel falls back to torch (tested below)")
-    built = load_kernels()
-    assert built is not None, "a C++ compiler is here, yet the kernel did not build"
-    return built
 
 
 def _prefix(prompts: int, n: int, kv_heads: int, length: int, dim: int, generator,

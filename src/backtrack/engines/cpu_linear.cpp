@@ -4,8 +4,9 @@
 // each weight in the order it is stored and never re-packs it (MKL's sgemm packs it at every
 // call). Each output sums its products in blocks of kBlockK input features: within a block by
 // fused multiply-adds in order, the blocks' sums added in order, the bias first: MKL's order
-// on AVX-512 (the same floats as torch's F.linear on the Zen 4 machine; elsewhere, MKL may
-// block otherwise, so the last bits may differ).
+// on AVX-512 (the same floats as torch's F.linear on the Zen 4 machine from 13 rows up; MKL
+// takes another path for fewer rows and may block otherwise on other CPUs: the last bits may
+// differ there).
 
 #include <torch/extension.h>
 

@@ -53,7 +53,8 @@ class HFEngine(Engine):
     glibc to keep freed memory for reuse (`hf_decode.hold_freed_memory`, process-wide).
     `cpu_kernel` (with `shared_prefix`, not `compile`; float32 on CPU) runs the decode steps'
     attention in a C++ kernel built on first use, over a token-major own-token cache
-    (`cpu_attention`), or warns and keeps torch's matmuls where it cannot build.
+    (`cpu_attention`), and their linears against weights packed once (`cpu_linear`), or warns
+    and keeps torch's matmuls where it cannot build.
     `kv_cache_dtype: float16` (with `cpu_kernel`) holds the decode's keys and values as float16
     for that kernel, which widens them to float as it reads: half the memory its steps wait
     on, rounded keys and values (other tokens than float32's, as vLLM's `kv_cache_dtype`)."""
