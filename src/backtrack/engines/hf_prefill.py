@@ -9,8 +9,6 @@ through the shared-prefix attention (`hf_prefix`).
 
 from __future__ import annotations
 
-import contextlib
-
 from transformers.cache_utils import DynamicLayer
 
 from backtrack.engines.hf_decode import DecodeBuffers
@@ -25,8 +23,7 @@ PREFILL_ROWS = 16  # the engine's prompt prefill
 
 
 def prefill_in_chunks(model, input_ids, mask, positions, rows_per_chunk: int, chunk_setup,
-                      lead: int = 0, buffers=None, logits: list | None = None,
-                      last_layer_at_end: bool = False):
+                      lead: int = 0, buffers=None, logits: list | None = None):
     """Left-padded `input_ids` (padding 0 in `mask`) run `rows_per_chunk` rows at a time, each
     chunk without the columns that are padding in all of its rows; returns the first chunk's
     cache holding every row's keys and values, zeros in the dropped columns (padding, which the
@@ -38,9 +35,7 @@ def prefill_in_chunks(model, input_ids, mask, positions, rows_per_chunk: int, ch
     and the returned cache has them first. With `buffers` (`hf_decode.DecodeBuffers`) the
     assembled cache lives in memory kept between calls: 8 fresh 1.6 MB tensors cost 5.8 ms of
     a 32-prompt call in page faults and zeroing. With `logits`, each chunk's last-position
-    logits ([chunk rows, vocab]) are appended to it. With `last_layer_at_end`, the model's
-    last layer computes only its keys and values at the other positions
-    (`hf_last_layer.last_position_only`).
+    logits ([chunk rows, vocab]) are appended to it.
 
     The rows of a batch are sorted by length (or share a prompt), so a chunk of neighbours
     needs little padding where the whole batch needs the longest row's (17 % of the toy
@@ -65,10 +60,9 @@ def prefill_in_chunks(model, input_ids, mask, positions, rows_per_chunk: int, ch
         chunk_mask = mask[start:end, first:]
         if lead:
             chunk_mask = torch.cat([chunk_mask.new_ones((end - start, lead)), chunk_mask], dim=1)
-        with last_position_only(model) if last_layer_at_end else contextlib.nullcontext():
-            out = model(input_ids=input_ids[start:end, first:], attention_mask=chunk_mask,
-                        position_ids=positions[start:end, first:], past_key_values=cache,
-                        use_cache=True, logits_to_keep=1, **kwargs)
+        out = model(input_ids=input_ids[start:end, first:], attention_mask=chunk_mask,
+                    position_ids=positions[start:end, first:], past_key_values=cache,
+                    use_cache=True, logits_to_keep=1, **kwargs)
         if logits is not None:
             logits.append(out.logits[:, -1, :])
         if end == rows and start == first == 0:  # one chunk, nothing dropped
@@ -104,6 +98,11 @@ def prompt_prefill(model, input_ids, mask, positions, share_start: bool = False,
     run once, docs/SPEED.md). The rest's keys are the same up to float summation order (~2e-6).
     Its forwards run the last layer at the last position only (`last_position_only`: every
     key and value, the last position's output). `buffers`: as `prefill_in_chunks`'."""
+    with last_position_only(model):
+        return _prompt_prefill(model, input_ids, mask, positions, share_start, buffers, logits)
+
+
+def _prompt_prefill(model, input_ids, mask, positions, share_start: bool, buffers, logits):
     import torch
     from transformers import DynamicCache
 
@@ -114,14 +113,13 @@ def prompt_prefill(model, input_ids, mask, positions, share_start: bool = False,
     if not lead:
         return prefill_in_chunks(model, input_ids, mask, positions, PREFILL_ROWS,
                                  lambda *_: (DynamicCache(config=model.config), {}),
-                                 buffers=buffers, logits=logits, last_layer_at_end=True), mask
+                                 buffers=buffers, logits=logits), mask
     rows, width = input_ids.shape
     lengths = mask.sum(1)
     lead_columns = slice(width - int(lengths[0]), width - int(lengths[0]) + lead)  # row 0's
     common = DynamicCache(config=model.config)
-    with last_position_only(model):
-        model(input_ids=input_ids[:1, lead_columns], position_ids=positions[:1, lead_columns],
-              past_key_values=common, use_cache=True, logits_to_keep=1)
+    model(input_ids=input_ids[:1, lead_columns], position_ids=positions[:1, lead_columns],
+          past_key_values=common, use_cache=True, logits_to_keep=1)
     rest = int(lengths.max()) - lead
     rest_mask = (torch.arange(rest, device=mask.device) >= rest - (lengths - lead)[:, None])
     rest_mask = rest_mask.to(mask.dtype)
@@ -133,7 +131,7 @@ def prompt_prefill(model, input_ids, mask, positions, share_start: bool = False,
 
     cache = prefill_in_chunks(model, input_ids[:, width - rest:], rest_mask,
                               positions[:, width - rest:], PREFILL_ROWS, chunk_setup, lead=lead,
-                              buffers=buffers, logits=logits, last_layer_at_end=True)
+                              buffers=buffers, logits=logits)
     return cache, torch.cat([mask.new_ones((rows, lead)), rest_mask], dim=1)
 
 
